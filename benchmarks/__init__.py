@@ -1,0 +1,1 @@
+"""``priorclip-bench``: latency, throughput and recall parity per backend (``priorclip.benchmarks``)."""

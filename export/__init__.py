@@ -1,0 +1,1 @@
+"""ONNX / TensorRT / AOTInductor exporters (``priorclip.export``)."""

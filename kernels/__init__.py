@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its plain-torch reference (``priorclip.kernels``). Not yet built: see the kernels issue."""

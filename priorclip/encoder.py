@@ -1,0 +1,53 @@
+"""The encoder interface that evaluation, export checks, benchmarks and the service all embed through.
+
+An encoder maps a batch of preprocessed pixels [B, 3, S, S] float32 and token ids [B, L] int64 to L2-normalised
+float32 embeddings. :class:`TorchEncoder` is the reference (eager PyTorch) one; exported engines implement the same
+two methods, so what is evaluated is what is served.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from priorclip.model import PriorCLIP
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    image_size: int
+    context_length: int
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchEncoder:
+    """Eager PyTorch encoder. ``dtype`` float32 is the reference path; float16/bfloat16 run under autocast."""
+
+    def __init__(self, model: PriorCLIP, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(self.device).eval()
+        self.image_size = model.cfg.vision.image_size
+        self.context_length = model.cfg.text.context_length
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            out = self.model.encode_image(pixels.to(self.device, torch.float32))
+        return out.float()
+
+    @torch.inference_mode()
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            out = self.model.encode_text(tokens.to(self.device))
+        return out.float()

@@ -1,0 +1,1 @@
+"""Trainer, losses and training data (``priorclip.training``)."""

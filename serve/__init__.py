@@ -1,0 +1,1 @@
+"""Embedding engine and service (``priorclip.serve``)."""
