@@ -12,7 +12,7 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,14 +66,18 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 def _read_torch(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol chatter from the weights-only unpickler
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
-            f"({first[:200]}); re-save its state_dict"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().split(". ")[0].splitlines()[0][:200]
+        if "Unsupported global" in detail:
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file references code objects ({detail}); only tensors and plain "
+                "containers are loaded, so re-save its state_dict"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
+    except Exception as e:  # torch.load surfaces zip, struct, EOF and runtime errors for damaged files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({msg[:200]})") from None
 

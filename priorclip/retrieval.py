@@ -55,9 +55,9 @@ def recall_metrics(image_emb: torch.Tensor | np.ndarray, text_emb: torch.Tensor 
         best.scatter_reduce_(0, own, r, reduce="amin")
     out = {}
     for k in KS:
-        out[f"i2t_R@{k}"] = 100.0 * (best < k).float().mean().item()
+        out[f"i2t_R@{k}"] = 100.0 * (best < k).double().mean().item()
     for k in KS:
-        out[f"t2i_R@{k}"] = 100.0 * (t2i < k).float().mean().item()
+        out[f"t2i_R@{k}"] = 100.0 * (t2i < k).double().mean().item()
     out["mR"] = sum(out[key] for key in METRIC_KEYS[:-1]) / 6.0
     return out
 
@@ -68,7 +68,8 @@ def chance_metrics(caption_image: np.ndarray, n_images: int) -> dict[str, float]
     per_image = np.bincount(np.asarray(caption_image), minlength=n_images)
     out = {}
     for k in KS:
-        miss = [math.comb(n_txt - p, k) / math.comb(n_txt, k) for p in per_image]
+        kk = min(k, n_txt)
+        miss = [math.comb(n_txt - p, kk) / math.comb(n_txt, kk) for p in per_image]
         out[f"i2t_R@{k}"] = 100.0 * (1.0 - float(np.mean(miss)))
     for k in KS:
         out[f"t2i_R@{k}"] = 100.0 * min(k, n_images) / n_images

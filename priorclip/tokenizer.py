@@ -99,7 +99,7 @@ class ClipTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         inverse = {v: k for k, v in _byte_to_unicode().items()}
         text = "".join(self.decoder[int(i)] for i in ids if int(i) not in (0, self.sot_token_id, self.eot_token_id))
-        return bytearray(inverse[c] for c in text.replace("</w>", " ")).decode("utf-8", errors="replace").strip()
+        return bytearray(inverse[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         """Token ids [N, context_length] (int64), zero padded, EOT kept on truncation."""

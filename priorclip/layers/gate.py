@@ -15,8 +15,8 @@ Numerical contract:
   * Ties (softmax entries that underflow to exactly 0 are common) are broken lower index first, on every device and
     backend. CPU ``torch.sort`` does not promise that and TensorRT's TopK does not document it, so the order is built
     from pairwise comparisons (T = 50: 2,500 compares per sample), which every backend evaluates identically.
-  * The logits are computed in x's dtype; belief, w and the output are float32, as dtype promotion makes them in the
-    reference under autocast.
+  * The logits are computed in x's dtype; belief, w and the output are float32 (float64 for a float64 model), as dtype
+    promotion makes them in the reference under autocast.
   * Batch size 1 works: only the trailing axis is squeezed (the reference's bare ``squeeze()`` fails at B = 1).
 """
 
@@ -47,19 +47,20 @@ def belief_gate(x: torch.Tensor, y: torch.Tensor, variant: str = GATE_BELIEF_PLU
         variant: ``"belief+rank"`` (current reference code) or ``"2belief"`` (before 2024-10-16).
 
     Returns:
-        The gated, L2-normalised (over tokens) tokens, [B, T, D], float32.
+        The gated, L2-normalised (over tokens) tokens, [B, T, D], float32 (float64 for float64 inputs).
     """
     if x.dim() != 3 or y.dim() != 3 or y.shape[1] != 1 or y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]:
         raise ValueError(f"belief_gate expects x [B,T,D] and y [B,1,D], got {tuple(x.shape)} and {tuple(y.shape)}")
+    ct = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for a float64 model
     s = torch.matmul(x, y.to(x.dtype).transpose(1, 2)).squeeze(-1)  # [B, T]
-    belief = torch.softmax(s.float(), dim=1)  # [B, T]
+    belief = torch.softmax(s.to(ct), dim=1)  # [B, T]
     if variant == GATE_BELIEF_PLUS_RANK:
         order = descending_order(belief)  # [B, T]: token index at each rank slot
-        w = 1.0 / torch.sqrt((order + 1).to(torch.float32))  # [B, T], indexed by slot, applied by position
+        w = 1.0 / torch.sqrt((order + 1).to(ct))  # [B, T], indexed by slot, applied by position
         g = belief + w
     elif variant == GATE_DOUBLE_BELIEF:
         g = 2.0 * belief
     else:
         raise ValueError(f"unknown gate variant {variant!r}")
-    gated = x.float() * g.unsqueeze(-1)  # [B, T, D]
+    gated = x.to(ct) * g.unsqueeze(-1)  # [B, T, D]
     return F.normalize(gated, p=2.0, dim=1, eps=1e-12)  # over the token axis, as the reference does

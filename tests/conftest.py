@@ -1,0 +1,81 @@
+"""Shared fixtures: the independent open_clip reference, the real-data folder, and test markers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+AID_RSICD = REPO.parent / "shared" / "data" / "aid-rsicd"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_data = pytest.mark.skip(reason=f"real data not found at {AID_RSICD}")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "data" in item.keywords and not (AID_RSICD / "dataset_rsicd_aid.json").is_file():
+            item.add_marker(skip_data)
+
+
+def load_open_clip():
+    """Import open_clip's model, ModifiedResNet and tokenizer modules without its package __init__.
+
+    The package __init__ imports torchvision, which has no CPU build here; these modules do not need it except for a
+    class used only for freezing, which gets a stand-in (shared/FACTS.md). Returns None when open_clip is absent.
+    """
+    if "open_clip.model" in sys.modules:
+        return sys.modules["open_clip"]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    pkg = types.ModuleType("open_clip")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["open_clip"] = pkg
+    try:
+        import torchvision.ops.misc  # noqa: F401  (present on GPU machines)
+    except Exception:
+        for name in ("torchvision", "torchvision.ops", "torchvision.ops.misc"):
+            mod = types.ModuleType(name)
+            mod.__path__ = []
+            sys.modules[name] = mod
+        sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (), {})
+    import open_clip.model  # noqa: F401
+    import open_clip.modified_resnet  # noqa: F401
+    import open_clip.tokenizer  # noqa: F401
+
+    pkg.config_dir = Path(spec.submodule_search_locations[0]) / "model_configs"
+    return pkg
+
+
+@pytest.fixture(scope="session")
+def open_clip():
+    oc = load_open_clip()
+    if oc is None:
+        pytest.skip("open-clip-torch is not installed (pip install --no-deps open-clip-torch==3.3.0)")
+    return oc
+
+
+@pytest.fixture(scope="session")
+def open_clip_vit_b32_cfg(open_clip):
+    return json.loads((open_clip.config_dir / "ViT-B-32.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def aid_rsicd():
+    if not (AID_RSICD / "dataset_rsicd_aid.json").is_file():
+        pytest.skip(f"real data not found at {AID_RSICD}")
+    return AID_RSICD
+
+
+@pytest.fixture
+def seed():
+    torch.manual_seed(0)
+    return 0
