@@ -1,0 +1,257 @@
+"""Training the scene prior: the model's ModifiedResNet (``res_visual``) plus a linear head as a scene classifier.
+
+PriorCLIP's prior network is meant to carry scene-recognition knowledge (the closed-domain PIR uses a ResNet-50
+fine-tuned for AID's 30 scene classes; spec §1B, §11). No such weights can be downloaded here, so this trains one:
+``res_visual`` exactly as the retrieval model builds it (same config, same key names), its attention-pool output
+(``embed_dim`` wide) feeding ``head`` = Linear(embed_dim, n_classes), with cross-entropy on the class labels of a
+dataset (the JSON ``label`` field, else the file-name prefix). The saved file holds ``res_visual.*`` (and ``head.*``)
+plus the model config, the class list and the accuracies; ``priorclip train --prior-checkpoint`` loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from priorclip.config import ModelConfig
+from priorclip.errors import DataError, PriorCLIPError
+from priorclip.layers.resnet import ModifiedResNet
+from priorclip.training import data as tdata
+from priorclip.training.common import MetricsLog, StopFlag, autocast, device_name, seed_everything, setup_distributed
+from priorclip.training.optim import lr_at, make_optimizer, set_lr
+
+PRIOR_FORMAT = "priorclip-prior/1"
+
+
+class PriorClassifier(nn.Module):
+    """``res_visual`` (the model's ModifiedResNet, output ``embed_dim``) + ``head`` (Linear to the classes)."""
+
+    def __init__(self, cfg: ModelConfig, n_classes: int) -> None:
+        super().__init__()
+        if cfg.prior is None:
+            raise PriorCLIPError(f"model {cfg.name!r} has no prior network to train")
+        self.cfg = cfg
+        self.res_visual = ModifiedResNet(
+            cfg.prior.layers, cfg.embed_dim, cfg.prior.heads, image_size=cfg.vision.image_size, width=cfg.prior.width
+        )
+        self.head = nn.Linear(cfg.embed_dim, n_classes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.res_visual(pixels))
+
+
+@dataclass
+class PriorTrainConfig:
+    data: str
+    images: str
+    out: str = "runs/prior"
+    model: str = "priorclip-vit-b32"
+    split: str = "train"
+    val_split: str | None = "val"
+    test_split: str | None = "test"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    wd: float = 0.05
+    warmup: int = 200
+    label_smoothing: float = 0.1
+    precision: str = "fp32"
+    workers: int = 4
+    seed: int = 0
+    device: str = "auto"
+    limit: int | None = None  # use only the first N training images (quick runs)
+    max_wall_min: float | None = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _split_images(cfg: PriorTrainConfig, split: str | None, classes: list[str] | None):
+    if split is None:
+        return None
+    try:
+        src = tdata.load_karpathy_pairs(cfg.data, cfg.images, split)
+    except DataError as e:
+        if "no images in split" in str(e) and split != cfg.split:
+            return None
+        raise
+    return src
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    """One item per image: (uint8 pixels, class id); cached arrays, augmented or centre-cropped."""
+
+    def __init__(self, arrays: list[np.ndarray], ids: list[int], size: int, augment: bool, seed: int) -> None:
+        self.arrays, self.ids, self.seed = arrays, ids, seed
+        self.tf = tdata.TrainTransform(size, augment)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, int]:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        return self.tf(self.arrays[i], tdata.sample_rng(self.seed, epoch, i)), self.ids[i]
+
+
+def _cached(src, size: int, workers: int, progress: bool, classes: dict[str, int]):
+    arrays, bad = tdata.decode_cache(src.images, size, workers, progress)
+    keep = [i for i, a in enumerate(arrays) if a is not None and src.labels[i] in classes]
+    unknown = sum(1 for i, a in enumerate(arrays) if a is not None and src.labels[i] not in classes)
+    return [arrays[i] for i in keep], [classes[src.labels[i]] for i in keep], [(str(src.images[i]), e) for i, e in bad], unknown
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, ds: _ImageDataset, device: torch.device, precision: str, batch: int, workers: int) -> float:
+    model.eval()
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+    correct = 0
+    for pixels, ids in loader:
+        x = tdata.normalize_on_device(pixels.to(device)).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            pred = model(x).argmax(dim=1).cpu()
+        correct += int((pred == ids).sum())
+    model.train()
+    return 100.0 * correct / max(1, len(ds))
+
+
+def train_prior(cfg: PriorTrainConfig) -> dict[str, Any]:
+    """Train the prior as a scene classifier; writes ``prior.pt``, ``prior_summary.json`` and ``metrics.jsonl``."""
+    from priorclip.registry import get_config
+
+    t_start = time.perf_counter()
+    d = setup_distributed(cfg.device)
+    if d.enabled:
+        raise PriorCLIPError("train-prior runs in one process (the prior trains in minutes on one GPU)")
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PriorCLIPError(f"output folder {out} is not writable: {e.strerror or e}") from None
+    mcfg = get_config(cfg.model)
+    if mcfg.prior is None:
+        raise PriorCLIPError(f"model {cfg.model!r} has no prior network to train")
+    size = mcfg.vision.image_size
+    seed_everything(cfg.seed)
+    train_src = _split_images(cfg, cfg.split, None)
+    if cfg.limit and cfg.limit < len(train_src.images):  # a seeded random subset: JSON files are often class-sorted
+        keep = sorted(np.random.default_rng(cfg.seed).choice(len(train_src.images), cfg.limit, replace=False).tolist())
+        train_src.images = [train_src.images[i] for i in keep]
+        train_src.labels = [train_src.labels[i] for i in keep]
+    classes = sorted(set(train_src.labels))
+    if len(classes) < 2:
+        raise DataError(f"{cfg.data} [{cfg.split}]: need at least two classes for a scene classifier, found {classes}")
+    cid = {c: i for i, c in enumerate(classes)}
+    workers = max(1, cfg.workers)
+    arrays, ids, bad, _ = _cached(train_src, size, max(4, workers), cfg.progress, cid)
+    if not arrays:
+        raise DataError(f"none of the {len(train_src.images)} training images could be read under {cfg.images}")
+    evals = {}
+    for name, split in (("val", cfg.val_split), ("test", cfg.test_split)):
+        src = _split_images(cfg, split, classes)
+        if src is not None:
+            a, i, b, unknown = _cached(src, size, max(4, workers), False, cid)
+            bad += b
+            evals[name] = (_ImageDataset(a, i, size, False, cfg.seed), split, unknown)
+    if bad:
+        (out / "skipped_images.txt").write_text("".join(f"{p}\t{e}\n" for p, e in bad), "utf-8")
+        print(f"[train-prior] skipped {len(bad)} unreadable images (listed in {out / 'skipped_images.txt'})", file=sys.stderr)
+    train_ds = _ImageDataset(arrays, ids, size, True, cfg.seed)
+
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = PriorClassifier(mcfg, len(classes)).to(d.device).to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg.lr, cfg.wd)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.precision == "fp16")
+    steps_per_epoch = len(train_ds) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise DataError(f"{len(train_ds)} training images are fewer than one batch of {cfg.batch_size}")
+    total = steps_per_epoch * cfg.epochs
+    log = MetricsLog(out, True, False)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    print(f"[train-prior] {cfg.model} res_visual on {device_name(d.device)}: {len(train_ds)} images, {len(classes)} "
+          f"classes, {steps_per_epoch} steps/epoch x {cfg.epochs}", file=sys.stderr)
+    step, samples, train_s, history, stopped = 0, 0, 0.0, [], None
+    with StopFlag() as flag:
+        for epoch in range(cfg.epochs):
+            sampler = tdata.EpochBatchSampler(len(train_ds), cfg.batch_size, epoch, cfg.seed)
+            loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
+                                                 pin_memory=d.device.type == "cuda",
+                                                 prefetch_factor=4 if cfg.workers else None)
+            t_epoch, correct, seen, loss_sum = time.perf_counter(), 0, 0, 0.0
+            t_last = time.perf_counter()
+            for pixels, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress):
+                x = tdata.normalize_on_device(pixels.to(d.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+                y = y.to(d.device, non_blocking=True)
+                set_lr(opt, lr_at(step, cfg.lr, cfg.warmup, total, "cosine"))
+                with autocast(d.device, cfg.precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                samples += len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                loss_sum += float(loss.detach()) * len(y)
+                train_s += time.perf_counter() - t_last  # data wait included, as in the retrieval trainer
+                t_last = time.perf_counter()
+                if flag.reason or (cfg.max_wall_min and time.perf_counter() - t_start > 60 * cfg.max_wall_min):
+                    stopped = flag.reason or f"--max-wall-min {cfg.max_wall_min}"
+                    break
+            rec = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+                   "epoch_s": time.perf_counter() - t_epoch}
+            if "val" in evals:
+                rec["val_top1"] = accuracy(model, evals["val"][0], d.device, cfg.precision, 256, cfg.workers)
+            history.append(rec)
+            log.write("epoch", step, **rec)
+            print(f"[train-prior] epoch {epoch + 1}: loss {rec['loss']:.3f} train {rec['train_top1']:.1f}%"
+                  + (f" val {rec['val_top1']:.1f}%" if "val_top1" in rec else ""), file=sys.stderr)
+            if stopped:
+                break
+    metrics = {f"{k}_top1": accuracy(model, ds, d.device, cfg.precision, 256, cfg.workers) for k, (ds, _, _) in evals.items()}
+    summary = {
+        "model": cfg.model,
+        "classes": classes,
+        "n_train": len(train_ds),
+        **{f"n_{k}": len(ds) for k, (ds, _, _) in evals.items()},
+        "metrics": metrics,
+        "epochs": history,
+        "steps": step,
+        "planned_steps": total,
+        "stopped": stopped,
+        "skipped_images": len(bad),
+        "samples_per_s": samples / train_s if train_s else None,
+        "train_seconds": train_s,
+        "wall_seconds": time.perf_counter() - t_start,
+        "device": device_name(d.device),
+        "precision": cfg.precision,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "config": cfg.to_dict(),
+    }
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": sd, "config": mcfg.to_dict(), "format": PRIOR_FORMAT, "classes": classes,
+                "metrics": metrics}, out / "prior.pt")
+    (out / "prior_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print("[train-prior] " + ", ".join(f"{k} {v:.2f}%" for k, v in metrics.items()) + f"; wrote {out / 'prior.pt'}",
+          file=sys.stderr)
+    log.close()
+    return summary

@@ -1,0 +1,564 @@
+"""The PriorCLIP trainer: contrastive + affiliation loss, AdamW, cosine/linear schedule, AMP, accumulation, DDP.
+
+One process per GPU through ``torchrun`` (``torch.distributed``; no launcher of our own). Files in ``out``:
+
+* ``metrics.jsonl``: one line per logged step (loss terms, lr, logit scale, samples/s, data wait) and per validation;
+* ``checkpoints/latest.pt``: weights + config (``priorclip eval --checkpoint`` reads it) plus ``train_state``
+  (optimiser, scaler, step, epoch, RNG, run config) for ``--resume``; ``checkpoints/epoch_K.pt``: weights only;
+* ``model.pt`` (final weights), ``summary.json`` (throughput, wall time, device, val/test metrics), ``config.json``.
+
+Gradient accumulation uses open_clip's feature cache: a no-grad pass embeds every micro-batch, then each micro-batch
+is recomputed with gradients and the loss is taken over the whole accumulated batch, so labels, centres and negatives
+are those of the full batch and the gradient equals the large-batch gradient (BatchNorm statistics aside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from priorclip.checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from priorclip.errors import CheckpointError, DataError, PriorCLIPError
+from priorclip.training import data as tdata
+from priorclip.training.common import (
+    MetricsLog,
+    StopFlag,
+    TrainingInterrupted,
+    any_rank,
+    autocast,
+    device_name,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+)
+from priorclip.training.loss import ClipAffLoss, affiliation_labels
+from priorclip.training.optim import clamp_logit_scale, lr_at, make_optimizer, set_lr
+
+STATE_FORMAT = "priorclip-train-state/1"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str = "runs/train"
+    images: str | None = None
+    data_type: str = "auto"
+    split: str = "train"
+    val_data: str | None = None  # Karpathy JSON; default: --data when it is one
+    val_images: str | None = None
+    val_split: str | None = "val"
+    val_limit: int | None = None
+    test_split: str | None = "test"
+    train_num_samples: int | None = None  # webdataset epoch size (counted from the shards if not given)
+    model: str = "priorclip-vit-b32"
+    init_checkpoint: str | None = None
+    prior_checkpoint: str | None = None
+    lock_prior: bool = False
+    lock_text: bool = False  # freeze the text tower (the paper's figure shows it frozen in instruction fine-tuning)
+    affiliation: bool = True
+    epochs: int = 10
+    batch_size: int = 64  # per process and micro-batch
+    accum_freq: int = 1
+    lr: float = 5e-4
+    wd: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup: int = 100
+    schedule: str = "cosine"
+    grad_clip: float | None = None
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    workers: int = 4
+    cache: str = "auto"  # auto | yes | no
+    seed: int = 0
+    device: str = "auto"
+    resume: str | None = None  # a train-state checkpoint, or "auto" (out/checkpoints/latest.pt if present)
+    save_every: int = 0  # steps between resumable checkpoints (0: at epoch ends only)
+    epoch_checkpoints: bool = True  # also keep checkpoints/epoch_K.pt (weights only) after every epoch
+    resume_every_epochs: int = 1  # write checkpoints/latest.pt (weights + optimiser, ~3x the weights) every N epochs
+    stop_after: int | None = None  # stop (resumably) after this many total steps: splits a run across calls
+    max_wall_min: float | None = None  # stop training after this many minutes, then validate/test as usual
+    log_every: int = 10
+    val_every: int = 1
+    val_batch_size: int = 128
+    progress: bool = True
+    tensorboard: bool = True
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CACHE_AUTO_LIMIT = 200_000  # images: decode into memory below this (~6 GB at 150 px, ~30 GB at 224 px)
+
+
+class TrainData:
+    """The training stream for one process: a cached/decoded map-style dataset or a webdataset stream."""
+
+    def __init__(self, cfg: TrainConfig, image_size: int, context_length: int, d, out: Path) -> None:
+        self.cfg, self.d = cfg, d
+        kind = tdata.detect_type(cfg.data) if cfg.data_type == "auto" else cfg.data_type
+        self.kind = kind
+        self.skipped_at_load: list[tuple[str, str]] = []
+        global_batch = cfg.batch_size * cfg.accum_freq * d.world
+        pin = d.device.type == "cuda"
+        if kind == "wds":
+            self.shards = tdata.expand_shards(cfg.data)
+            n = cfg.train_num_samples or tdata.count_tar_samples(self.shards)
+            self.n_samples = n
+            self.image_size = image_size
+            self.context_length = context_length
+            self.steps_per_epoch = n // global_batch
+            self.description = f"{len(self.shards)} webdataset shards, {n} samples"
+        else:
+            if kind == "karpathy":
+                if not cfg.images:
+                    raise DataError("--images DIR is required with a Karpathy-style dataset JSON")
+                src = tdata.load_karpathy_pairs(cfg.data, cfg.images, cfg.split)
+            elif kind == "csv":
+                src = tdata.load_csv_pairs(cfg.data, cfg.images)
+            else:
+                raise DataError(f"unknown data type {kind!r}; choose one of {', '.join(tdata.DATA_TYPES)}")
+            use_cache = cfg.cache == "yes" or (cfg.cache == "auto" and len(src.images) <= CACHE_AUTO_LIMIT)
+            cache = None
+            if use_cache:
+                t0 = time.perf_counter()
+                cache, bad = tdata.decode_cache(src.images, image_size, max(4, cfg.workers), cfg.progress and d.is_main)
+                self.skipped_at_load = [(str(src.images[i]), e) for i, e in bad]
+                if len(bad) == len(src.images):
+                    raise DataError(
+                        f"none of the {len(src.images)} images of {src.description} could be read "
+                        f"(e.g. {self.skipped_at_load[0][0]}: {self.skipped_at_load[0][1]}); check --images"
+                    )
+                self.cache_seconds = time.perf_counter() - t0
+            tokens = tdata.tokenize_captions(src.captions, context_length)
+            self.dataset = tdata.PairDataset(src, image_size, tokens, cache, augment=True, seed=cfg.seed)
+            self.n_samples = len(self.dataset)
+            self.steps_per_epoch = self.n_samples // global_batch
+            self.description = (
+                f"{src.description}: {len(src.images)} images, {len(src.captions)} pairs"
+                + (f", {len(self.skipped_at_load)} unreadable images skipped" if self.skipped_at_load else "")
+                + (" (decoded once into memory)" if cache is not None else "")
+            )
+        if self.steps_per_epoch < 1:
+            raise DataError(
+                f"{self.n_samples} training samples are fewer than one global batch ({global_batch} = batch "
+                f"{cfg.batch_size} x accum {cfg.accum_freq} x {d.world} processes)"
+            )
+        self.pin = pin
+        if self.skipped_at_load and d.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "skipped_images.txt").write_text("".join(f"{p}\t{e}\n" for p, e in self.skipped_at_load), "utf-8")
+
+    def loader(self, epoch: int, start_step: int):
+        cfg, d = self.cfg, self.d
+        if self.kind == "wds":
+            ds = tdata.WebDatasetStream(self.shards, self.image_size, cfg.seed, d.rank, d.world, epoch,
+                                        context_length=self.context_length)
+            it = iter(tdata.wds_loader(ds, cfg.batch_size, cfg.workers, self.pin))
+            for _ in range(start_step * cfg.accum_freq):  # a resumed epoch replays the stream up to where it stopped
+                next(it)
+            return it
+        sampler = tdata.EpochBatchSampler(
+            len(self.dataset), cfg.batch_size, epoch, cfg.seed, d.rank, d.world, cfg.accum_freq, start_step
+        )
+        return iter(
+            torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=tdata.collate,
+                pin_memory=self.pin, prefetch_factor=4 if cfg.workers else None,
+            )
+        )
+
+
+@contextmanager
+def preserved_bn_stats(model: nn.Module):
+    """Leave BatchNorm running statistics untouched by the no-grad feature pass of gradient accumulation."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        yield
+    finally:
+        for m, (mean, var, n) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+
+
+def load_prior_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load ``res_visual.*`` from a prior checkpoint (``priorclip train-prior``) strictly; other keys are ignored."""
+    if not getattr(model, "has_prior", False):
+        raise CheckpointError(f"--prior-checkpoint: model {model.cfg.name!r} has no prior network (res_visual)")
+    ckpt = read_checkpoint(path)
+    sd = {k: v for k, v in ckpt.state_dict.items() if k.startswith("res_visual.")}
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith("res_visual.")}
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    shapes = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if not sd:
+        raise CheckpointError(f"{path}: no res_visual.* weights in it (is it a prior checkpoint from train-prior?)")
+    if missing or extra or shapes:
+        bits = [f"{len(x)} {what}: {', '.join(x[:5])}" for x, what in ((missing, "missing"), (extra, "unexpected"), (shapes, "shape mismatches")) if x]
+        raise CheckpointError(f"{path}: prior weights do not fit model {model.cfg.name!r}: " + "; ".join(bits))
+    model.load_state_dict(sd, strict=False)
+    return {"path": str(path), "classes": ckpt.extra.get("classes"), "metrics": ckpt.extra.get("metrics")}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        from priorclip.registry import create_model
+
+        self.cfg = cfg
+        self.d = setup_distributed(cfg.device)
+        if cfg.precision not in ("fp32", "bf16", "fp16"):
+            raise PriorCLIPError(f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+        if cfg.accum_freq < 1 or cfg.batch_size < 1:
+            raise PriorCLIPError("--batch-size and --accum-freq must be at least 1")
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.resume_path = self._resume_path()
+        if self.d.is_main:
+            self._check_out_dir()
+        seed_everything(cfg.seed)
+        if self.d.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the prior's conv algorithms
+        self.model = create_model(cfg.model, checkpoint=cfg.init_checkpoint)
+        self.prior_info = load_prior_weights(self.model, cfg.prior_checkpoint) if cfg.prior_checkpoint else None
+        if cfg.lock_prior:
+            if not self.model.has_prior:
+                raise PriorCLIPError(f"--lock-prior: model {cfg.model!r} has no prior")
+            for p in self.model.res_visual.parameters():
+                p.requires_grad_(False)
+        if cfg.lock_text:
+            text_modules = (self.model.token_embedding, self.model.transformer, self.model.ln_final)
+            for p in [p for m in text_modules for p in m.parameters()] + [self.model.positional_embedding, self.model.text_projection]:
+                p.requires_grad_(False)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.model.to(self.d.device)
+        self.model.train()
+        self._lock_prior_bn()
+        self.ddp = self.model
+        if self.d.enabled:
+            ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+            self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.loss_fn = ClipAffLoss(affiliation=cfg.affiliation)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.scaler = torch.amp.GradScaler(self.d.device.type, enabled=cfg.precision == "fp16")
+        self.step = 0
+        self.history: list[dict[str, float]] = []  # per-step losses (tests compare resumed curves with these)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _resume_path(self) -> Path | None:
+        r = self.cfg.resume
+        if r is None:
+            return None
+        if r == "auto":
+            p = self.ckpt_dir / "latest.pt"
+            return p if p.is_file() else None
+        if not Path(r).is_file():
+            raise CheckpointError(f"--resume: checkpoint not found: {r}")
+        return Path(r)
+
+    def _check_out_dir(self) -> None:
+        latest = self.ckpt_dir / "latest.pt"
+        if latest.exists() and self.resume_path is None and not self.cfg.overwrite:
+            raise PriorCLIPError(
+                f"{self.out} already holds a run ({latest}); continue it with --resume auto, or pass --overwrite or "
+                "another --out"
+            )
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PriorCLIPError(f"output folder {self.out} is not writable: {e.strerror or e}") from None
+        if self.cfg.overwrite and self.resume_path is None:
+            for f in ("metrics.jsonl", "summary.json"):
+                (self.out / f).unlink(missing_ok=True)
+
+    def _lock_prior_bn(self) -> None:
+        if self.cfg.lock_prior:
+            self.model.res_visual.eval()
+
+    def save(self, path: Path, epoch: int, step_in_epoch: int, with_state: bool = True) -> None:
+        if not self.d.is_main:
+            return
+        extra: dict[str, Any] = {"epoch": epoch, "step": self.step}
+        if with_state:
+            extra["train_state"] = {
+                "format": STATE_FORMAT,
+                "step": self.step,
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+                "train_config": self.cfg.to_dict(),
+                "history": self.history,
+            }
+        save_checkpoint(self.model, path, **extra)
+
+    def load_state(self, path: Path) -> tuple[int, int]:
+        ckpt: Checkpoint = read_checkpoint(path)
+        state = ckpt.extra.get("train_state")
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{path}: no training state to resume from (weights-only checkpoint?); use --init-checkpoint for weights")
+        if ckpt.config is not None and ckpt.config != self.model.cfg:
+            raise CheckpointError(f"{path}: saved for model {ckpt.config.name!r}, this run builds {self.model.cfg.name!r}")
+        old = state["train_config"]
+        for k in ("batch_size", "accum_freq", "seed", "epochs"):
+            if old.get(k) != getattr(self.cfg, k):
+                raise CheckpointError(f"{path}: --{k.replace('_', '-')} was {old.get(k)} in the saved run, now {getattr(self.cfg, k)}; a resumed run must keep it")
+        load_checkpoint(self.model, ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        return int(state["epoch"]), int(state["step_in_epoch"])
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _embed(self, micro: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.d.device
+        pixels = tdata.normalize_on_device(micro["pixels"].to(dev, non_blocking=True))
+        tokens = micro["tokens"].to(dev, non_blocking=True)
+        with autocast(dev, self.cfg.precision):
+            return self.ddp(pixels, tokens)
+
+    def train_step(self, micros: list[dict]) -> dict[str, float]:
+        """Forward/backward over ``accum_freq`` micro-batches and one optimiser step; returns the loss terms."""
+        losses = self.forward_backward(micros)
+        self.optimizer_step()
+        return losses
+
+    def forward_backward(self, micros: list[dict]) -> dict[str, float]:
+        """Accumulate the gradient of the loss over all micro-batches together (labels over the whole batch)."""
+        for m in micros:
+            if "pixels" not in m:
+                raise DataError(f"every image of a batch failed to decode, e.g. {m['skipped'][0][0]}: {m['skipped'][0][1]}")
+        names = [n for m in micros for n in m["names"]]
+        labels = affiliation_labels(names, self.d.device)
+        if len(micros) == 1:
+            img, txt, scale = self._embed(micros[0])
+            losses = self.loss_fn(img, txt, scale, labels)
+            self.scaler.scale(sum(losses.values())).backward()
+        else:
+            with torch.no_grad(), preserved_bn_stats(self.model):
+                cached = [self._embed(m)[:2] for m in micros]
+            for j, m in enumerate(micros):
+                last = j == len(micros) - 1
+                sync = nullcontext() if last or not self.d.enabled else self.ddp.no_sync()
+                with sync:
+                    img_j, txt_j, scale = self._embed(m)
+                    if not last:  # the logit scale's gradient must be counted once, and in DDP's synced pass
+                        scale = scale.detach()
+                    imgs = [img_j if k == j else c[0] for k, c in enumerate(cached)]
+                    txts = [txt_j if k == j else c[1] for k, c in enumerate(cached)]
+                    losses = self.loss_fn(torch.cat(imgs), torch.cat(txts), scale, labels)
+                    self.scaler.scale(sum(losses.values())).backward()
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["loss"] = sum(out.values())
+        return out
+
+    def optimizer_step(self) -> None:
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale(self.model)
+
+    # ------------------------------------------------------------------ validation
+    def _val_set(self, split: str | None, limit: int | None = None):
+        cfg = self.cfg
+        if split is None:
+            return None
+        json_path = cfg.val_data or (cfg.data if tdata.detect_type(cfg.data) == "karpathy" and cfg.data_type in ("auto", "karpathy") else None)
+        if json_path is None:
+            return None
+        from priorclip.data import load_karpathy
+
+        try:
+            ds = load_karpathy(json_path, cfg.val_images or cfg.images, split)
+        except DataError as e:
+            if "no images in split" in str(e):
+                return None
+            raise
+        return ds.subset(limit) if limit else ds
+
+    def evaluate(self, dataset) -> dict[str, float]:
+        from priorclip.encoder import TorchEncoder
+        from priorclip.retrieval import evaluate
+
+        enc = TorchEncoder(self.model, self.d.device, torch.float32)
+        try:
+            ev = evaluate(enc, dataset, batch_size=self.cfg.val_batch_size, progress=False, workers=max(1, self.cfg.workers))
+        finally:
+            self.model.train()
+            self._lock_prior_bn()
+        return ev.metrics
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.d
+        t_start = time.perf_counter()
+        data = TrainData(cfg, self.model.cfg.vision.image_size, self.model.cfg.text.context_length, d, self.out)
+        total = cfg.epochs * data.steps_per_epoch
+        start_epoch, start_in_epoch = 0, 0
+        if self.resume_path is not None:
+            start_epoch, start_in_epoch = self.load_state(self.resume_path)
+            if start_in_epoch >= data.steps_per_epoch:
+                start_epoch, start_in_epoch = start_epoch + 1, 0
+        val_set, test_set = self._val_set(cfg.val_split, cfg.val_limit), self._val_set(cfg.test_split)
+        log = MetricsLog(self.out, d.is_main, cfg.tensorboard)
+        if d.is_main:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+            print(f"[train] {self.model.cfg.name} on {device_name(d.device)} x{d.world}; {data.description}; "
+                  f"{data.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch "
+                  f"{cfg.batch_size * cfg.accum_freq * d.world}" + (f"; resuming at step {self.step}" if self.step else ""),
+                  file=sys.stderr)
+        skipped_stream, stream_skips = 0, []  # images dropped from batches (decoded on the fly), this process
+        samples_done, train_seconds, data_seconds = 0, 0.0, 0.0
+        val_history: list[dict[str, Any]] = []
+        stopped: str | None = None
+        epoch = start_epoch
+        with StopFlag() as flag:
+            for epoch in range(start_epoch, cfg.epochs):
+                first = start_in_epoch if epoch == start_epoch else 0
+                it = data.loader(epoch, first)
+                bar = tqdm(total=data.steps_per_epoch, initial=first, desc=f"epoch {epoch}", unit="step",
+                           disable=not (cfg.progress and d.is_main), leave=False)
+                for k in range(first, data.steps_per_epoch):
+                    t0 = time.perf_counter()
+                    micros = [next(it) for _ in range(cfg.accum_freq)]
+                    t1 = time.perf_counter()
+                    for m in micros:
+                        skipped_stream += len(m["skipped"])
+                        stream_skips.extend(m["skipped"][: max(0, 10_000 - len(stream_skips))])
+                    set_lr(self.optimizer, lr_at(self.step, cfg.lr, cfg.warmup, total, cfg.schedule))
+                    losses = self.train_step(micros)
+                    if d.device.type == "cuda" and (self.step + 1) % cfg.log_every == 0:
+                        torch.cuda.synchronize()
+                    t2 = time.perf_counter()
+                    n = sum(len(m["names"]) for m in micros) * d.world
+                    samples_done += n
+                    train_seconds += t2 - t0
+                    data_seconds += t1 - t0
+                    self.step += 1
+                    self.history.append(losses)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses['loss']:.3f}")
+                    if self.step % cfg.log_every == 0 or self.step == 1:
+                        log.write("train", self.step, epoch=epoch, lr=self.optimizer.param_groups[0]["lr"],
+                                  logit_scale=float(self.model.logit_scale.detach().exp()), samples_per_s=n / max(t2 - t0, 1e-9),
+                                  data_wait_s=t1 - t0, skipped=skipped_stream, **losses)
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save(self.ckpt_dir / "latest.pt", epoch, k + 1)
+                    reason = flag.reason
+                    if cfg.stop_after is not None and self.step >= cfg.stop_after:
+                        reason = reason or f"--stop-after {cfg.stop_after}"
+                    if cfg.max_wall_min is not None and time.perf_counter() - t_start > 60 * cfg.max_wall_min:
+                        reason = reason or f"--max-wall-min {cfg.max_wall_min}"
+                    if any_rank(reason is not None, d):
+                        stopped = reason or "another process stopped"
+                        self.save(self.ckpt_dir / "latest.pt", epoch, k + 1)
+                        break
+                bar.close()
+                del it
+                if stopped:
+                    break
+                if (epoch + 1) % max(1, cfg.resume_every_epochs) == 0 or epoch + 1 == cfg.epochs:
+                    self.save(self.ckpt_dir / "latest.pt", epoch + 1, 0)
+                if d.is_main and cfg.epoch_checkpoints:
+                    self.save(self.ckpt_dir / f"epoch_{epoch + 1}.pt", epoch + 1, 0, with_state=False)
+                if val_set is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                    if d.is_main:
+                        m = self.evaluate(val_set)
+                        val_history.append({"epoch": epoch + 1, "step": self.step, **m})
+                        log.write("val", self.step, epoch=epoch + 1, split=cfg.val_split, **m)
+                        print(f"[train] epoch {epoch + 1}: val mR {m['mR']:.2f} (R@1 i2t {m['i2t_R@1']:.2f}, t2i {m['t2i_R@1']:.2f})", file=sys.stderr)
+                    d.barrier()
+        if stream_skips and d.is_main:
+            with (self.out / "skipped_images.txt").open("a", encoding="utf-8") as f:
+                f.writelines(f"{p}\t{e}\n" for p, e in stream_skips)
+            print(f"[train] skipped {skipped_stream} unreadable samples while training (listed in "
+                  f"{self.out / 'skipped_images.txt'})", file=sys.stderr)
+        interrupted = stopped is not None and (stopped.startswith("SIG") or stopped.startswith("another") or stopped.startswith("--stop-after"))
+        summary: dict[str, Any] = {
+            "model": self.model.cfg.name,
+            "affiliation_loss": cfg.affiliation,
+            "prior_checkpoint": self.prior_info,
+            "steps": self.step,
+            "planned_steps": total,
+            "epochs_planned": cfg.epochs,
+            "stopped": stopped,
+            "global_batch": cfg.batch_size * cfg.accum_freq * d.world,
+            "train_samples": data.n_samples,
+            "skipped_images": len(data.skipped_at_load) + skipped_stream,
+            "samples_per_s": samples_done / train_seconds if train_seconds else None,
+            "data_wait_fraction": data_seconds / train_seconds if train_seconds else None,
+            "train_seconds": train_seconds,
+            "wall_seconds": None,
+            "device": device_name(d.device),
+            "world_size": d.world,
+            "precision": cfg.precision,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "val": val_history,
+            "final_loss": self.history[-1] if self.history else None,
+            "config": cfg.to_dict(),
+        }
+        if interrupted:
+            summary["wall_seconds"] = time.perf_counter() - t_start
+            if d.is_main:
+                (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+            log.close()
+            raise TrainingInterrupted(
+                f"stopped by {stopped} at step {self.step}/{total}; resumable checkpoint: {self.ckpt_dir / 'latest.pt'} "
+                f"(continue with --resume auto --out {self.out})"
+            )
+        if stopped and val_set is not None and d.is_main:  # a time limit ended training mid-epoch: one last point
+            m = self.evaluate(val_set)
+            val_history.append({"epoch": epoch + 1, "step": self.step, "partial_epoch": True, **m})
+            log.write("val", self.step, epoch=epoch + 1, split=cfg.val_split, partial_epoch=True, **m)
+        if d.is_main:
+            save_checkpoint(self.model, self.out / "model.pt", epoch=epoch, step=self.step)
+            if test_set is not None:
+                m = self.evaluate(test_set)
+                summary["test"] = {"split": cfg.test_split, **m}
+                log.write("test", self.step, split=cfg.test_split, **m)
+                print(f"[train] test mR {m['mR']:.2f}", file=sys.stderr)
+            summary["wall_seconds"] = time.perf_counter() - t_start
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        log.close()
+        d.barrier()
+        return summary
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the summary (also written to ``out/summary.json``).
+
+    A process group started here (under torchrun) is closed again at the end."""
+    import torch.distributed as dist
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        if owned and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
