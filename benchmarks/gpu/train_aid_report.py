@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 RUNS = {
-    "priorclip": "PriorCLIP ViT-B/32 (trained prior + gate, contrastive + affiliation)",
-    "noaff": "PriorCLIP ViT-B/32 (trained prior + gate, contrastive only)",
-    "clip": "plain CLIP ViT-B/32 (no prior/gate, contrastive only)",
-    "randprior": "PriorCLIP ViT-B/32 (random prior + gate, contrastive + affiliation)",
+    "priorclip": "PriorCLIP (trained prior + gate, contrastive + affiliation)",
+    "noaff": "PriorCLIP (trained prior + gate, contrastive only)",
+    "clip": "plain CLIP (no prior/gate, contrastive only)",
+    "randprior": "PriorCLIP (random prior + gate, contrastive + affiliation)",
 }
 KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR")
 CITE = ("Data: AID images (Xia et al., IEEE TGRS 2017) with RSICD captions (Lu et al., IEEE TGRS 2018), RSICD's split "
@@ -47,7 +47,7 @@ def collect(runs: Path) -> dict:
         s = json.loads(f.read_text())
         best = max(s.get("val") or [{"mR": None}], key=lambda v: v["mR"] if v["mR"] is not None else -1)
         report["runs"][name] = {
-            "what": RUNS[name],
+            "what": f"{RUNS[name]} [{s.get('model')}]",
             **{k: s.get(k) for k in ("model", "affiliation_loss", "steps", "planned_steps", "stopped", "global_batch",
                                      "train_samples", "samples_per_s", "data_wait_fraction", "train_seconds",
                                      "wall_seconds", "device", "precision", "torch", "date", "command", "skipped_images")},
