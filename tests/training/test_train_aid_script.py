@@ -31,7 +31,7 @@ def test_all_phases_and_report(tmp_path):
     assert rep["prior"]["n_classes"] == 6 and "test_top1" in rep["prior"]["metrics"]
     assert (out / "train-aid-curves.png").stat().st_size > 10_000
     md = (out / "train-aid-results.md").read_text()
-    assert "| plain CLIP ViT-B/32" in md and "test top-1" in md
+    assert "| plain CLIP (no prior/gate" in md and "test top-1" in md
     for phase in ("prior", "priorclip", "noaff", "clip"):  # what comes back from a device call: 3 files a phase
         assert len(list((out / phase).iterdir())) == 3 and (out / phase / "metrics.jsonl").is_file(), phase
     # the report can be rebuilt elsewhere from those copies alone
