@@ -1,0 +1,319 @@
+"""``export_model``: one call from a model to an export directory (graphs or engines, manifest, parity report).
+
+Directory layout (DESIGN.md, Export)::
+
+    OUT/image_encoder.onnx (+ .onnx.data)   text_encoder.onnx (+ .data)     --format onnx | trt
+    OUT/image_encoder.plan  text_encoder.plan  timing.cache                --format trt (needs tensorrt)
+    OUT/image_encoder.pt2   text_encoder.pt2                                --format aoti
+    OUT/calibration.json    (int8: per-tensor ranges and scales)
+    OUT/manifest.json       OUT/parity.json   OUT/parity.md
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from priorclip.cliutils import ensure_writable_dir, write_json
+from priorclip.errors import PriorCLIPError
+
+from . import fp16 as _fp16
+from . import quantize as _q
+from .graph import check_model, load_model, op_counts, save_model
+from .onnx_export import OPSET, export_onnx_fp32, io_spec
+
+FORMATS = ("onnx", "trt", "aoti")
+PRECISIONS = ("fp32", "fp16", "int8")
+MANIFEST_FORMAT = "priorclip-export/1"
+CALIB_BATCH = 32
+
+
+class ExportError(PriorCLIPError):
+    pass
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration inputs: images for the image encoder and captions for the text encoder (no pairing needed)."""
+
+    images: list[Path]
+    captions: list[str]
+    source: str = ""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict
+    parity: dict | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[priorclip-export] {msg}", file=sys.stderr, flush=True)
+
+
+def tool_versions() -> dict[str, str | None]:
+    from .tensorrt import tensorrt_version
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("onnx", "onnxruntime", "onnxscript", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    out["tensorrt"] = tensorrt_version()
+    import priorclip
+
+    out["priorclip"] = priorclip.__version__
+    return out
+
+
+def _image_batches(paths: list[Path], size: int) -> Iterator[np.ndarray]:
+    from priorclip.retrieval import iter_image_batches
+
+    for pixels in iter_image_batches(paths, size, CALIB_BATCH):
+        yield pixels.numpy().astype(np.float32)
+
+
+def _text_batches(captions: list[str], context_length: int) -> Iterator[np.ndarray]:
+    from priorclip.tokenizer import get_tokenizer
+
+    from .engines import trim_tokens
+
+    tok = get_tokenizer(context_length)
+    for s in range(0, len(captions), CALIB_BATCH):
+        yield trim_tokens(tok(list(captions[s : s + CALIB_BATCH]))).numpy().astype(np.int64)
+
+
+def _export_onnx(model, out_dir: Path, precision: str, calib, calib_method: str, opset: int, max_batch: int,
+                 keep_fp: Iterable[str] | None, fp16_keep_ops, fp16_keep_patterns, progress: bool,
+                 stats_cache: dict | None = None) -> tuple[dict, dict]:
+    cfg = model.cfg
+    info: dict[str, Any] = {}
+    if precision == "fp32":
+        _log(progress, "exporting fp32 ONNX graphs")
+        paths = export_onnx_fp32(model, out_dir, opset, max_batch)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=".fp32-", dir=out_dir))
+        try:
+            _log(progress, "exporting fp32 ONNX graphs")
+            src = export_onnx_fp32(model, tmp, opset, max_batch)
+            paths = {}
+            tables = {}
+            for tower, p in src.items():
+                g = load_model(p)
+                if precision == "fp16":
+                    g, summary = _fp16.convert_fp16(
+                        g, _fp16.DEFAULT_KEEP_OPS if fp16_keep_ops is None else fp16_keep_ops,
+                        _fp16.DEFAULT_KEEP_PATTERNS if fp16_keep_patterns is None else fp16_keep_patterns)
+                    info.setdefault("fp16", {})[tower] = summary
+                else:
+                    _log(progress, f"calibrating the {tower} encoder ({calib_method})")
+                    if tower == "image":
+                        batches = lambda: _image_batches(list(calib.images), cfg.vision.image_size)  # noqa: E731
+                    else:
+                        batches = lambda: _text_batches(list(calib.captions), cfg.text.context_length)  # noqa: E731
+                    g, table = _q.quantize_int8(g, batches, calib_method,
+                                                _q.DEFAULT_KEEP_FP if keep_fp is None else keep_fp,
+                                                progress=(lambda m: _log(progress, f"  {tower}: {m}")),
+                                                stats_cache=None if stats_cache is None else
+                                                stats_cache.setdefault(tower, {}))
+                    tables[tower] = table
+                paths[tower] = save_model(g, out_dir / p.name)
+                check_model(paths[tower])
+            if tables:
+                write_json(out_dir / "calibration.json", tables)
+                info["calibration_tables"] = {t: {k: v for k, v in tab.items() if k != "activations"}
+                                              for t, tab in tables.items()}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    info["op_counts"] = {t: op_counts(_light(p)) for t, p in paths.items()}
+    return paths, info
+
+
+def _light(path: Path):
+    import onnx
+
+    return onnx.load_model(str(path), load_external_data=False)
+
+
+def _cpu_fp32(model):
+    """The model on CPU in fp32 and eval mode, without moving the caller's model (a copy only if needed)."""
+    p = next(model.parameters(), None)
+    if p is not None and (p.device.type != "cpu" or p.dtype != torch.float32):
+        import copy
+
+        model = copy.deepcopy(model).float().cpu()
+    return model.eval()
+
+
+def _checkpoint_info(checkpoint: str | Path | None) -> dict:
+    if checkpoint is None:
+        return {"path": None, "sha256": "random-init"}
+    from priorclip.checkpoint import file_sha256
+
+    return {"path": str(checkpoint), "sha256": file_sha256(checkpoint)}
+
+
+def export_model(model, out_dir: str | Path, format: str = "onnx", precision: str = "fp32", calib=None,
+                 calib_method: str = "entropy", max_batch: int = 256, opset: int = OPSET, parity_set=None,
+                 force: bool = False, progress: bool = True, *, keep_fp: Iterable[str] | None = None,
+                 fp16_keep_ops: Iterable[str] | None = None, fp16_keep_patterns: Iterable[str] | None = None,
+                 device: str = "cpu", checkpoint: str | Path | None = None, command: str | None = None,
+                 parity_batch_size: int = 32, opt_batch: int | None = None, stats_cache: dict | None = None,
+                 reference_embeddings=None) -> ExportResult:
+    """Export ``model``'s image and text encoders to ``out_dir``.
+
+    Args:
+        model: a :class:`~priorclip.model.PriorCLIP` (moved to CPU fp32 for ONNX export).
+        format: ``onnx`` (graphs), ``trt`` (the ONNX plus TensorRT plans; needs ``tensorrt``) or ``aoti``.
+        precision: ``fp32``, ``fp16`` or ``int8`` (Q/DQ graph; needs ``calib``).
+        calib: a :class:`~priorclip.data.RetrievalSet` or :class:`CalibrationSet` (``.images``, ``.captions``).
+        calib_method: ``minmax``, ``percentile`` or ``entropy``.
+        parity_set: a held-out :class:`~priorclip.data.RetrievalSet`; when given, ``parity.json`` is written and the
+            precision's tolerance enforced (``force=True`` keeps an export outside it).
+        keep_fp: int8 layers (module-path patterns) left unquantised; default :data:`.quantize.DEFAULT_KEEP_FP`.
+        device: where AOTInductor compiles for and where parity runs the engine (``cpu`` / ``cuda``).
+        checkpoint: source checkpoint path, hashed into the manifest (``random-init`` without one).
+        stats_cache: a dict kept by the caller so several int8 exports of one model share one calibration run.
+        reference_embeddings: cached fp32 reference (image, text) embeddings of ``parity_set``.
+
+    Raises:
+        PriorCLIPError: bad options, missing TensorRT for ``trt`` (after the ONNX is written), or parity outside
+            tolerance without ``force``.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; choose from {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if calib_method not in _q.METHODS:
+        raise ExportError(f"unknown calibration method {calib_method!r}; choose from {', '.join(_q.METHODS)}")
+    if precision == "int8" and format == "aoti":
+        raise ExportError("--format aoti supports --precision fp32 or fp16 (INT8 is for onnx and trt)")
+    if precision == "int8" and (calib is None or not len(calib.images) or not len(calib.captions)):
+        raise ExportError("--precision int8 needs calibration data (images and captions): pass --calib-data DIR|JSON")
+    if max_batch < 1:
+        raise ExportError("--max-batch must be at least 1")
+    out_dir = ensure_writable_dir(out_dir)
+    model = _cpu_fp32(model)
+    cfg = model.cfg
+    manifest: dict[str, Any] = {
+        "format_version": MANIFEST_FORMAT,
+        "model": {"name": cfg.name, "config": cfg.to_dict()},
+        "format": format,
+        "precision": precision,
+        "checkpoint": _checkpoint_info(checkpoint),
+        "io": io_spec(model, max_batch),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command or "priorclip.export.export_model (Python API)",
+        "tools": tool_versions(),
+        "host": {"machine": platform.machine(), "system": platform.system(),
+                 "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "calibration": None,
+        "parity": None,
+    }
+    if precision == "int8":
+        manifest["calibration"] = {
+            "method": calib_method,
+            "source": getattr(calib, "source", "") or "RetrievalSet",
+            "images": len(calib.images),
+            "captions": len(calib.captions),
+            "percentile": _q.PERCENTILE if calib_method == "percentile" else None,
+            "activations": "symmetric int8 per tensor (zero point 0)",
+            "weights": "symmetric int8 per output channel",
+            "table": "calibration.json",
+        }
+    files: dict[str, Path] = {}
+    if format in ("onnx", "trt"):
+        paths, info = _export_onnx(model, out_dir, precision, calib, calib_method, opset, max_batch, keep_fp,
+                                   fp16_keep_ops, fp16_keep_patterns, progress, stats_cache)
+        files.update(paths)
+        manifest["opset"] = opset
+        manifest["onnx"] = info
+        if precision == "int8":
+            manifest["calibration"]["layers"] = info["calibration_tables"]
+    else:
+        from .aoti import export_aoti
+
+        _log(progress, f"compiling AOTInductor packages for {device} ({precision})")
+        files.update(export_aoti(model, out_dir, precision, max_batch, device))
+        manifest["opset"] = None
+        manifest["aoti"] = {"device": torch.device(device).type, "precision": precision}
+    manifest["files"] = {t: p.name for t, p in files.items()}
+
+    if format == "trt":
+        from . import tensorrt as _trt
+
+        shapes = {t: _trt.profile_shapes(t, cfg.vision.image_size, cfg.text.context_length, max_batch, opt_batch)
+                  for t in ("image", "text")}
+        manifest["tensorrt"] = {
+            "network": "strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED); precision from the ONNX, "
+                       "no FP16/INT8 builder flags, no calibrator",
+            "profiles": {t: {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in s.items()}
+                         for t, s in shapes.items()},
+            "timing_cache": "timing.cache",
+            "engines": None,
+        }
+        try:
+            trt = _trt.import_tensorrt()
+        except _trt.TensorRTMissing as e:
+            manifest["tensorrt"]["status"] = f"not built: {e}"
+            write_json(out_dir / "manifest.json", manifest)
+            raise _trt.TensorRTMissing(f"{e}. The ONNX it would consume is written to {out_dir}") from None
+        engines = {}
+        for t in ("image", "text"):
+            _log(progress, f"building the TensorRT {t} engine")
+            built = _trt.build_engine(files[t], out_dir / f"{t}_encoder.plan", shapes[t], out_dir / "timing.cache",
+                                      trt=trt)
+            engines[t] = built["plan"]
+            manifest["tensorrt"].setdefault("builds", {})[t] = built
+        manifest["tensorrt"]["engines"] = engines
+        manifest["tensorrt"]["status"] = "built"
+
+    write_json(out_dir / "manifest.json", manifest)
+    parity = None
+    if parity_set is not None:
+        parity = run_parity(model, out_dir, manifest, parity_set, device, parity_batch_size, progress,
+                            reference_embeddings)
+        manifest["parity"] = {"file": "parity.json", "passed": parity["passed"], "failures": parity["failures"],
+                              "n_images": parity["n_images"], "n_captions": parity["n_captions"]}
+        write_json(out_dir / "manifest.json", manifest)
+        if not parity["passed"] and not force:
+            raise ExportError(f"parity outside the {precision} tolerance: {'; '.join(parity['failures'])} "
+                              f"(see {out_dir / 'parity.json'}; --force keeps it)")
+    return ExportResult(out_dir, manifest, parity, files)
+
+
+def run_parity(model, out_dir: Path, manifest: dict, parity_set, device: str, batch_size: int,
+               progress: bool, reference_embeddings=None) -> dict:
+    from priorclip.encoder import TorchEncoder
+
+    from .engines import open_engine
+    from .parity import format_parity_table, parity_report
+
+    _log(progress, f"parity on {len(parity_set.images)} images / {len(parity_set.captions)} captions")
+    engine = open_engine(out_dir, device=device)
+    reference = TorchEncoder(model, "cpu")
+    report = parity_report(engine, reference, parity_set, manifest["precision"], batch_size, progress=False,
+                           reference_embeddings=reference_embeddings)
+    name = f"{manifest['format']}-{manifest['precision']}"
+    if manifest.get("calibration"):
+        name += f"-{manifest['calibration']['method']}"
+    report["export"] = name
+    write_json(out_dir / "parity.json", report)
+    table = format_parity_table({f"{name} ({report['engine']})": report})
+    (out_dir / "parity.md").write_text(table, encoding="utf-8")
+    if progress:
+        print(table, flush=True)
+    return report

@@ -1,0 +1,155 @@
+"""``priorclip-export``: ONNX / TensorRT / AOTInductor export with FP16 and calibrated INT8, manifest and parity.
+
+Examples::
+
+    priorclip-export --model priorclip-tiny --format onnx --precision fp32 --out out/tiny-fp32
+    priorclip-export --checkpoint ckpt.pt --format onnx --precision int8 --calib-method entropy \\
+        --calib-data ../shared/data/aid-rsicd/dataset_rsicd_aid.json \\
+        --parity-data ../shared/data/aid-rsicd/dataset_rsicd_aid.json --out out/int8
+    priorclip-export --checkpoint ckpt.pt --format trt --precision fp16 --out out/trt-fp16
+
+User mistakes end as one ``Error: ...`` line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from priorclip.cliutils import build_model, model_options, user_errors
+from priorclip.errors import DataError, PriorCLIPError
+
+
+def _karpathy(json_path: Path, image_root: Path | None, split: str):
+    from priorclip.data import load_karpathy
+
+    root = image_root or json_path.parent / "images"
+    return load_karpathy(json_path, root, split)
+
+
+def load_calibration(path: Path, image_root: Path | None, split: str, n_images: int, n_captions: int):
+    """``--calib-data``: a Karpathy JSON (its ``split``) or a folder of images with an optional captions file."""
+    from priorclip.data import list_images, read_captions
+
+    from .api import CalibrationSet
+
+    if not path.exists():
+        raise DataError(f"calibration data not found: {path}")
+    if path.is_dir():
+        images = list_images(path)  # DataError when the folder has no images
+        caps_file = next((path / n for n in ("captions.txt", "captions.json") if (path / n).is_file()), None)
+        if caps_file is None:
+            raise DataError(f"{path}: no captions.txt or captions.json for the text encoder's calibration")
+        captions = read_captions(caps_file)
+        source = str(path)
+    else:
+        ds = _karpathy(path, image_root, split)
+        images, captions, source = ds.images, ds.captions, f"{path} (split {split})"
+    # Spread the picks over the whole list (files sort by class), deterministically.
+    images = _spread(images, n_images)
+    captions = _spread(captions, n_captions)
+    return CalibrationSet(list(images), list(captions), f"{source}: {len(images)} images, {len(captions)} captions")
+
+
+def _spread(items, n):
+    if n <= 0 or n >= len(items):
+        return list(items)
+    idx = [round(i * (len(items) - 1) / max(n - 1, 1)) for i in range(n)]
+    return [items[i] for i in idx]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@model_options
+@click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx|trt|aoti",
+              help="onnx: ONNX graphs (ONNX Runtime, TensorRT). trt: the same ONNX plus strongly typed TensorRT "
+              "engines (needs tensorrt). aoti: torch AOTInductor packages (run where TensorRT does not).")
+@click.option("--precision", default="fp32", show_default=True, metavar="fp32|fp16|int8",
+              help="fp16: fp16 weights/activations, norms and softmax in fp32. int8: explicit Q/DQ from calibration.")
+@click.option("--calib-data", type=click.Path(path_type=Path), default=None,
+              help="INT8 calibration: a Karpathy dataset JSON (images under --image-root, default <json dir>/images; "
+              "--calib-split) or a folder of images with captions.txt/captions.json.")
+@click.option("--calib-method", default="entropy", metavar="minmax|percentile|entropy",
+              show_default=True, help="How activation ranges are chosen (percentile = 99.99th of |x|; entropy = KL).")
+@click.option("--calib-split", default="train", show_default=True, help="Split of a calibration JSON.")
+@click.option("--calib-images", type=int, default=256, show_default=True, help="Calibration images (0 = all).")
+@click.option("--calib-captions", type=int, default=1024, show_default=True, help="Calibration captions (0 = all).")
+@click.option("--keep-fp", multiple=True, metavar="PATTERN",
+              help="INT8: leave layers matching this module-path pattern unquantised (repeatable), e.g. "
+              "'res_visual.attnpool*', 'visual.conv1'. Default: the measured set in priorclip.export.quantize.")
+@click.option("--fp16-keep", multiple=True, metavar="PATTERN",
+              help="FP16: also keep layers matching this module-path pattern in fp32 (repeatable), e.g. 'res_visual' "
+              "for the whole prior; added to the measured default (norms, softmax, reductions, the belief gate).")
+@click.option("--parity-data", type=click.Path(path_type=Path), default=None,
+              help="Held-out Karpathy JSON for the parity report (default: a generated 32-image set).")
+@click.option("--parity-split", default="test", show_default=True)
+@click.option("--parity-images", type=int, default=256, show_default=True, help="First N images of the split.")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None,
+              help="Image folder for --calib-data/--parity-data JSON files (default: <json dir>/images).")
+@click.option("--no-parity", is_flag=True, help="Skip the parity report (and its tolerance check).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Largest batch of the dynamic batch axis / TensorRT profile.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the pinned one).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu or cuda: where AOTI compiles for and where the parity check runs the engine.")
+@click.option("--force", is_flag=True, help="Keep an export whose parity is outside its precision's tolerance.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@user_errors
+def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method, calib_split, calib_images,
+         calib_captions, keep_fp, fp16_keep, parity_data, parity_split, parity_images, image_root, no_parity,
+         max_batch, opset,
+         device, force, out_dir, quiet) -> None:
+    """Export PriorCLIP's image and text encoders with a manifest and a parity report against fp32 PyTorch."""
+    from .api import FORMATS, PRECISIONS, export_model
+    from .fp16 import DEFAULT_KEEP_PATTERNS
+    from .onnx_export import OPSET
+    from .quantize import METHODS
+
+    for opt, value, allowed in (("--format", fmt, FORMATS), ("--precision", precision, PRECISIONS),
+                                ("--calib-method", calib_method, METHODS)):
+        if value not in allowed:
+            raise PriorCLIPError(f"{opt} {value!r} is not one of: {', '.join(allowed)}")
+
+    if checkpoint is not None and not checkpoint.is_file():
+        raise PriorCLIPError(f"checkpoint not found: {checkpoint}")
+    if precision == "int8" and fmt == "aoti":
+        raise PriorCLIPError("--format aoti supports --precision fp32 or fp16 (INT8 is for onnx and trt)")
+    calib = None
+    if precision == "int8":
+        if calib_data is None:
+            raise PriorCLIPError("--precision int8 needs --calib-data DIR|JSON (images and captions to calibrate on)")
+        calib = load_calibration(calib_data, image_root, calib_split, calib_images, calib_captions)
+    parity_set = None
+    if not no_parity:
+        if parity_data is not None:
+            parity_set = _karpathy(parity_data, image_root, parity_split)
+        else:
+            import tempfile
+
+            from priorclip.data import load_karpathy
+            from priorclip.synthetic import make_sample
+
+            j, imgs = make_sample(Path(tempfile.mkdtemp(prefix="priorclip-parity-")), 32)
+            parity_set = load_karpathy(j, imgs)
+        if parity_images and parity_images < len(parity_set.images):
+            parity_set = parity_set.subset(parity_images)
+    model = build_model(model_name, checkpoint, gate)
+    command = " ".join(shlex.quote(a) for a in ["priorclip-export", *sys.argv[1:]])
+    result = export_model(model, out_dir, fmt, precision, calib=calib, calib_method=calib_method,
+                          max_batch=max_batch, opset=opset or OPSET, parity_set=parity_set, force=force,
+                          progress=not quiet, keep_fp=keep_fp or None, device=device, checkpoint=checkpoint,
+                          fp16_keep_patterns=(DEFAULT_KEEP_PATTERNS + tuple(fp16_keep)) if fp16_keep else None,
+                          command=command)
+    if quiet and result.parity is not None:
+        from .parity import format_parity_table
+
+        click.echo(format_parity_table({f"{result.parity['export']} ({result.parity['engine']})": result.parity}))
+    click.echo(f"wrote {result.out_dir} ({fmt}, {precision})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

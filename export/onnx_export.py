@@ -1,0 +1,157 @@
+"""FP32 ONNX graphs of the image and text encoders (``torch.onnx.export``, dynamo exporter, pinned opset).
+
+Decisions, each checked by a test in ``tests/export``:
+
+* **Exporter.** torch 2.13's dynamo exporter (``dynamo=True``) keeps the batch axis symbolic through the whole
+  image graph. The TorchScript exporter traced at batch 2 bakes the batch into the gate's reshapes: ONNX Runtime
+  then gave 0.35-0.43 max abs error at batch 1 and 7 on ``priorclip-tiny`` (measured 2026-11-23), so it is not used.
+* **Opset 18**, pinned (:data:`OPSET`): LayerNormalization is one op (so it can be kept in fp32 as one node),
+  per-axis Q/DQ exist, and TensorRT 10 and ONNX Runtime >= 1.14 read all of it.
+* **Dynamic axes.** Image: batch. Text: batch *and* length L in [2, context_length]. A dynamic L is exact: the
+  mask is causal, so tokens after the EOT never reach it, and the graph pools the EOT row. Engines cut each batch
+  to its longest caption (the reference model's ``trim_text``), about 4x less text compute on RS captions.
+* **EOT position** is computed in the graph: ``ArgMax`` over the token ids (the EOT id 49407 is the largest id)
+  then ``GatherND``, the reference's own pooling, so no second input can disagree with the tokens.
+* **Belief sort.** The reference gate (``priorclip.layers.gate``) builds the rank order from pairwise comparisons,
+  not ``torch.sort``, so the graph has no TopK and ties go lower-index-first in every backend.
+* **Fused kernels.** Export runs the model with the kernels' torch references (:func:`reference_kernels`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .graph import check_model
+
+OPSET = 18
+IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "tokens", "embeddings"
+MIN_TEXT_LEN = 2  # SOT + EOT; also keeps torch.export from specialising the axis to 1
+
+
+class ImageEncoder(nn.Module):
+    """``pixels [B,3,S,S] float32 -> embeddings [B,E] float32``, L2-normalised (the reference ``encode_image``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels).float()
+
+
+class TextEncoder(nn.Module):
+    """``tokens [B,L] int64 -> embeddings [B,E] float32``; EOT pooled at argmax(tokens) in the graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens).float()
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Run the model on the kernels' plain-torch references (ONNX cannot see Triton kernels)."""
+    try:
+        from priorclip import kernels
+    except ImportError:  # pragma: no cover
+        kernels = None
+    setter = getattr(kernels, "set_backend", None)
+    getter = getattr(kernels, "get_backend", None)
+    if setter is None or getter is None:
+        yield
+        return
+    previous = getter()
+    setter("torch")
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(0)
+    s = cfg.vision.image_size
+    pixels = torch.randn(batch, 3, s, s, generator=g)
+    ctx = cfg.text.context_length
+    tokens = torch.zeros(batch, ctx, dtype=torch.int64)
+    tokens[:, 0] = 49406
+    tokens[:, 1:6] = torch.randint(1, 49000, (batch, 5), generator=g)
+    tokens[:, 6] = 49407
+    return pixels, tokens
+
+
+def io_spec(model: nn.Module, max_batch: int) -> dict:
+    """Inputs and outputs of both graphs, as written into the manifest."""
+    cfg = model.cfg
+    s, ctx, e = cfg.vision.image_size, cfg.text.context_length, cfg.embed_dim
+    return {
+        "image": {
+            "inputs": [{"name": IMAGE_INPUT, "dtype": "float32", "shape": ["batch", 3, s, s]}],
+            "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": ["batch", e], "l2_normalised": True}],
+        },
+        "text": {
+            "inputs": [{"name": TEXT_INPUT, "dtype": "int64", "shape": ["batch", "length"]}],
+            "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": ["batch", e], "l2_normalised": True}],
+            "length": {"min": MIN_TEXT_LEN, "max": ctx},
+            "eot": "computed in the graph: ArgMax over the token ids (EOT 49407 is the largest id), then GatherND",
+        },
+        "batch": {"min": 1, "max": max_batch},
+    }
+
+
+def _quiet_export(module: nn.Module, args: tuple, path: Path, input_name: str, dynamic: dict, opset: int) -> None:
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[input_name],
+                output_names=[OUTPUT],
+                dynamic_shapes={input_name: dynamic},
+                external_data=True,
+                verbose=False,
+            )
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_onnx_fp32(model: nn.Module, out_dir: Path, opset: int = OPSET, max_batch: int = 256,
+                     towers: tuple[str, ...] = ("image", "text")) -> dict[str, Path]:
+    """Write ``image_encoder.onnx`` and ``text_encoder.onnx`` (fp32) under ``out_dir`` and check them in full."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval().float().cpu()
+    pixels, tokens = example_inputs(model)
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
+    length = torch.export.Dim("length", min=MIN_TEXT_LEN, max=model.cfg.text.context_length)
+    paths: dict[str, Path] = {}
+    with reference_kernels(), torch.no_grad():
+        if "image" in towers:
+            paths["image"] = out_dir / "image_encoder.onnx"
+            _quiet_export(ImageEncoder(model), (pixels,), paths["image"], IMAGE_INPUT, {0: batch}, opset)
+        if "text" in towers:
+            paths["text"] = out_dir / "text_encoder.onnx"
+            _quiet_export(TextEncoder(model), (tokens,), paths["text"], TEXT_INPUT, {0: batch, 1: length}, opset)
+    for p in paths.values():
+        check_model(p)
+    return paths

@@ -1,0 +1,110 @@
+"""TensorRT engines from the exported ONNX: strongly typed networks, explicit Q/DQ, one optimisation profile.
+
+TensorRT 10 deprecated, and 11 removes, weak typing, the ``FP16``/``INT8`` builder flags and the implicit-quantisation
+calibrators. So precision is decided by the ONNX alone: the fp32 graph, the fp16 graph (fp16 weights/activations,
+fp32 where :mod:`.fp16` keeps it) or the Q/DQ graph (:mod:`.quantize`), parsed into a network created with
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; no precision flag is ever set.
+
+Nothing here runs without ``tensorrt``: :func:`import_tensorrt` raises one clear line with what to install. The
+profile and flag choices are plain functions so they are unit-tested with a stand-in module.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from priorclip.errors import PriorCLIPError
+
+from .onnx_export import IMAGE_INPUT, MIN_TEXT_LEN, TEXT_INPUT
+
+INSTALL_HINT = ("pip install tensorrt --extra-index-url https://pypi.nvidia.com "
+                "(TensorRT >= 10 from NVIDIA's index; needs an NVIDIA GPU and driver)")
+OPT_BATCH = 64  # profile 'opt' batch: the serving batcher's usual size
+OPT_TEXT_LEN = 32  # RS captions are 15-30 tokens; engines cut each batch to its longest caption
+
+
+class TensorRTMissing(PriorCLIPError):
+    pass
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+    except Exception as e:  # ImportError, or a broken install raising OSError on its libraries
+        why = str(e).splitlines()[0] if str(e) else "no module"
+        raise TensorRTMissing(
+            f"TensorRT is not installed ({type(e).__name__}: {why}); install it with: {INSTALL_HINT}") from None
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 10:
+        raise TensorRTMissing(f"TensorRT {trt.__version__} is too old (strongly typed networks need >= 10); "
+                              f"upgrade with: {INSTALL_HINT}")
+    return trt
+
+
+def tensorrt_version() -> str | None:
+    try:
+        import tensorrt as trt  # type: ignore[import-not-found]
+
+        return str(trt.__version__)
+    except Exception:
+        return None
+
+
+def profile_shapes(tower: str, image_size: int, context_length: int, max_batch: int,
+                   opt_batch: int | None = None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shape per input for one optimisation profile covering batch 1..max_batch."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    opt = max(1, min(opt_batch or OPT_BATCH, max_batch))
+    if tower == "image":
+        s = image_size
+        return {IMAGE_INPUT: ((1, 3, s, s), (opt, 3, s, s), (max_batch, 3, s, s))}
+    if tower == "text":
+        lo = min(MIN_TEXT_LEN, context_length)
+        mid = max(lo, min(OPT_TEXT_LEN, context_length))
+        return {TEXT_INPUT: ((1, lo), (opt, mid), (max_batch, context_length))}
+    raise ValueError(f"unknown tower {tower!r}")
+
+
+def network_flags(trt) -> int:
+    """Strongly typed network creation flags (explicit batch is implicit since TensorRT 10)."""
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def configure_builder(trt, builder, shapes: dict, timing_cache: bytes = b"", workspace_bytes: int | None = None):
+    """Builder config: one profile with ``shapes``, the timing cache, optional workspace; no precision flags."""
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    return config
+
+
+def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict, timing_cache_path: str | Path,
+                 workspace_bytes: int | None = None, trt=None) -> dict:
+    """Parse ``onnx_path`` strongly typed, build and serialise the plan; update the timing cache file."""
+    trt = trt or import_tensorrt()
+    onnx_path, plan_path, timing_cache_path = Path(onnx_path), Path(plan_path), Path(timing_cache_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise PriorCLIPError(f"TensorRT could not parse {onnx_path.name}: {errs[:500]}")
+    cache = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
+    config = configure_builder(trt, builder, shapes, cache, workspace_bytes)
+    t0 = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise PriorCLIPError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
+    plan_path.write_bytes(bytes(plan))
+    timing_cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {"plan": plan_path.name, "build_seconds": round(time.perf_counter() - t0, 2),
+            "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in shapes.items()}}

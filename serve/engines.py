@@ -1,0 +1,435 @@
+"""Embedding engines: one interface over every backend, used by ``priorclip-bench`` and (later) ``priorclip-serve``.
+
+An :class:`Engine` is a :class:`priorclip.encoder.Encoder` (``encode_images`` / ``encode_texts`` returning
+L2-normalised float32 embeddings ``[B, E]``) plus ``name``, ``backend``, ``precision``, ``device`` and
+:meth:`Engine.metadata`, so what is benchmarked is exactly what is served.
+
+Backends (:data:`BACKENDS`):
+
+=================  =====================================================================================
+``torch``          eager PyTorch, :class:`~priorclip.encoder.TorchEncoder` (fp32 reference; fp16/bf16 autocast)
+``torch-compile``  ``torch.compile`` of the two encoders (CUDA graphs + ``max-autotune`` on GPU by default)
+``onnxruntime``    ``priorclip.export`` ONNX graph run by ONNX Runtime (CPU or CUDA execution provider)
+``aoti``           ``priorclip.export`` AOTInductor package
+``tensorrt``       ``priorclip.export`` TensorRT engine (only where the ``tensorrt`` module is importable)
+=================  =====================================================================================
+
+The fused-kernel engine joins this table once ``priorclip.kernels`` has it.
+
+Text length: the eager model cuts each text batch to its longest caption (``PriorCLIP.trim_text``, exact but
+data-dependent); the exported engines do the same on the host before running their dynamic-length graph. The
+``torch-compile`` engine cannot (a data-dependent length would recompile per caption length), so it always runs
+the full context (77 tokens): :attr:`Engine.fixed_text_length` says which an engine does, and the benchmark counts
+FLOPs at the length really run.
+
+Static-shape engines (compiled with ``dynamic=False``, CUDA graphs) are given ``batch_buckets``: a batch is padded up
+to the next bucket (or split at the largest), so an odd-sized last batch does not trigger a fresh compilation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import shutil
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from priorclip.encoder import Encoder, TorchEncoder
+from priorclip.errors import PriorCLIPError
+from priorclip.model import PriorCLIP
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+class Engine:
+    """An :class:`~priorclip.encoder.Encoder` with a name and metadata, wrapping a backend's own encoder.
+
+    Args:
+        inner: the backend encoder (anything with ``encode_images``/``encode_texts``/``image_size``/
+            ``context_length``).
+        backend, precision, device: what it is.
+        fixed_text_length: True when texts always run at the full context length (no data-dependent trimming).
+        batch_buckets: for static-shape engines, the batch sizes they are specialised for (see module docstring).
+        info: extra metadata (export directory, compile mode, provider, ...).
+    """
+
+    def __init__(
+        self,
+        inner: Encoder,
+        backend: str,
+        precision: str,
+        device: str | torch.device,
+        *,
+        fixed_text_length: bool,
+        batch_buckets: tuple[int, ...] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.backend = backend
+        self.precision = precision
+        self.device = torch.device(device)
+        self.image_size = int(inner.image_size)
+        self.context_length = int(inner.context_length)
+        self.fixed_text_length = fixed_text_length
+        self.batch_buckets = tuple(sorted(set(batch_buckets))) if batch_buckets else None
+        self.info = dict(info or {})
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}/{self.precision}"
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "precision": self.precision,
+            "device": str(self.device),
+            "image_size": self.image_size,
+            "context_length": self.context_length,
+            "fixed_text_length": self.fixed_text_length,
+            "batch_buckets": list(self.batch_buckets) if self.batch_buckets else None,
+            **self.info,
+        }
+
+    def __repr__(self) -> str:
+        return f"Engine({self.name} on {self.device})"
+
+    def _bucketed(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if not self.batch_buckets or x.shape[0] in self.batch_buckets:
+            return fn(x)
+        n, top = x.shape[0], self.batch_buckets[-1]
+        if n > top:  # split at the largest bucket
+            return torch.cat([self._bucketed(fn, x[s : s + top]) for s in range(0, n, top)])
+        size = next(b for b in self.batch_buckets if b >= n)
+        pad = x[-1:].expand(size - n, *x.shape[1:])  # repeat a real row: padding never changes other rows
+        return fn(torch.cat([x, pad]))[:n]
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] float32 normalised pixels -> [B, E] float32 L2-normalised embeddings."""
+        return self._bucketed(self.inner.encode_images, pixels)
+
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L<=context] int64 token ids -> [B, E] float32 L2-normalised embeddings."""
+        if self.fixed_text_length and tokens.shape[1] < self.context_length:
+            tokens = torch.nn.functional.pad(tokens, (0, self.context_length - tokens.shape[1]))
+        return self._bucketed(self.inner.encode_texts, tokens)
+
+
+# --------------------------------------------------------------------------------------------------- torch-compile
+
+
+class CompiledTorchEncoder:
+    """``torch.compile`` of ``encode_image`` / ``encode_text`` with static shapes (one graph per batch size).
+
+    On CUDA the default mode is ``max-autotune`` (Triton GEMM autotuning plus CUDA graphs); CUDA-graph outputs live in
+    a static pool that the next replay overwrites, so they are cloned before they are returned. Texts always run at
+    the full context length: the model's data-dependent trim is skipped while compiling (``PriorCLIP.encode_text``).
+    """
+
+    def __init__(
+        self, model: PriorCLIP, device: torch.device, dtype: torch.dtype, mode: str | None, dynamic: bool = False
+    ) -> None:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config  # one graph per batch size and tower; the default limit (8) is too small
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, knob):
+                setattr(cfg, knob, max(getattr(cfg, knob), 64))
+        self.device, self.dtype, self.mode = device, dtype, mode
+        self.model = model.to(device).eval()
+        self.image_size = model.cfg.vision.image_size
+        self.context_length = model.cfg.text.context_length
+        self.cudagraphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        autocast = (
+            (lambda: nullcontext()) if dtype == torch.float32 else (lambda: torch.autocast(device.type, dtype=dtype))
+        )
+
+        def image(pixels: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return self.model.encode_image(pixels).float()
+
+        def text(tokens: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return self.model.encode_text(tokens).float()
+
+        # dynamic=False: one specialised graph per batch size (fastest, but each size compiles); dynamic=True: one graph
+        # with a symbolic batch for all sizes (CUDA graphs are still recorded per size), for when compile time counts
+        kw = {"dynamic": dynamic} | ({"mode": mode} if mode else {})
+        self._image = torch.compile(image, **kw)
+        self._text = torch.compile(text, **kw)
+
+    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = fn(x)
+            return out.clone() if self.cudagraphs else out
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run(self._image, pixels.to(self.device, torch.float32))
+
+    def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._run(self._text, tokens.to(self.device))
+
+
+# --------------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: which precisions it runs per device type, whether it can run here, and how to build it."""
+
+    name: str
+    precisions: dict[str, tuple[str, ...]]  # device type -> precisions
+    check: Callable[[str], str | None]  # device type -> reason it cannot run, or None
+    build: Callable[..., Engine]
+    description: str = ""
+    options: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _device_type(device: str | torch.device) -> str:
+    return torch.device(device).type
+
+
+def _check_torch(dev: str) -> str | None:
+    if dev == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def _check_compile(dev: str) -> str | None:
+    if (reason := _check_torch(dev)) is not None:
+        return reason
+    if dev == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        return "torch.compile on CPU needs a C++ compiler (g++/clang++); none found"
+    if dev == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile on CUDA needs triton"
+    return None
+
+
+def _export_api() -> tuple[Callable, Callable] | str:
+    """(export_model, open_engine) from priorclip.export, or the reason they are missing."""
+    try:
+        mod = importlib.import_module("priorclip.export")
+    except Exception as e:  # noqa: BLE001 - any import failure means the backend cannot run
+        return f"priorclip.export does not import: {type(e).__name__}: {e}"
+    missing = [n for n in ("export_model", "open_engine") if not hasattr(mod, n)]
+    if missing:
+        return "unavailable: priorclip.export not built (" + ", ".join(missing) + " missing)"
+    return mod.export_model, mod.open_engine
+
+
+def _check_ort(dev: str) -> str | None:
+    if (reason := _check_torch(dev)) is not None:
+        return reason
+    try:
+        import onnxruntime as ort
+    except Exception as e:  # noqa: BLE001
+        return f"onnxruntime does not import ({type(e).__name__}: {e}); pip install onnxruntime"
+    if dev == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu)"
+    api = _export_api()
+    return api if isinstance(api, str) else None
+
+
+def _check_aoti(dev: str) -> str | None:
+    if (reason := _check_compile(dev)) is not None:
+        return reason
+    if not hasattr(importlib.import_module("torch._inductor"), "aoti_compile_and_package"):
+        return f"torch {torch.__version__} has no torch._inductor.aoti_compile_and_package"
+    api = _export_api()
+    return api if isinstance(api, str) else None
+
+
+def _check_trt(dev: str) -> str | None:
+    if dev != "cuda":
+        return "TensorRT runs on CUDA devices only"
+    if (reason := _check_torch(dev)) is not None:
+        return reason
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed"
+    api = _export_api()
+    return api if isinstance(api, str) else None
+
+
+def _build_torch(model: PriorCLIP, precision: str, device: torch.device, **_: Any) -> Engine:
+    enc = TorchEncoder(model, device, DTYPES[precision])
+    info = {"autocast": precision != "fp32", "trim_text": bool(model.trim_text)}
+    return Engine(enc, "torch", precision, device, fixed_text_length=not model.trim_text, info=info)
+
+
+def _build_compile(
+    model: PriorCLIP,
+    precision: str,
+    device: torch.device,
+    compile_mode: str | None = "default",
+    batch_buckets=None,
+    dynamic: bool = False,
+    **_: Any,
+) -> Engine:
+    if compile_mode == "default":  # max-autotune brings CUDA graphs and GEMM autotuning; on CPU it only adds time
+        compile_mode = "max-autotune" if device.type == "cuda" else None
+    enc = CompiledTorchEncoder(model, device, DTYPES[precision], compile_mode, dynamic)
+    info = {"compile_mode": compile_mode or "default", "cuda_graphs": enc.cudagraphs, "dynamic": dynamic}
+    return Engine(
+        enc, "torch-compile", precision, device, fixed_text_length=True, batch_buckets=batch_buckets, info=info
+    )
+
+
+def _build_exported(
+    fmt: str,
+    backend: str,
+    model: PriorCLIP,
+    precision: str,
+    device: torch.device,
+    workdir: str | Path | None = None,
+    calib=None,
+    provider: str | None = None,
+    max_batch: int = 256,
+    **_: Any,
+) -> Engine:
+    api = _export_api()
+    if isinstance(api, str):
+        raise PriorCLIPError(f"{backend}: {api}")
+    export_model, open_engine = api
+    if precision == "int8" and calib is None:
+        raise PriorCLIPError(f"{backend} int8 needs calibration data (calib=RetrievalSet)")
+    root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="priorclip-engines-"))
+    out_dir = root / f"{fmt}-{precision}"
+    result = export_model(
+        model,
+        out_dir,
+        format=fmt,
+        precision=precision,
+        calib=calib,
+        max_batch=max_batch,
+        force=True,
+        progress=False,
+        device=device.type,
+    )
+    inner = open_engine(result.out_dir, device=str(device), provider=provider)
+    manifest = getattr(inner, "metadata", None) or {}
+    info = {"export_dir": str(result.out_dir), "format": fmt, "export_engine": getattr(inner, "name", None)}
+    for key in ("opset", "precision", "io"):
+        if key in manifest:
+            info[f"export_{key}"] = manifest[key]
+    if provider:
+        info["provider"] = provider
+    # exported graphs take a dynamic text length; the engines cut token batches to the longest caption, as eager does
+    return Engine(inner, backend, precision, device, fixed_text_length=False, info=info)
+
+
+def _build_ort(model, precision, device, provider=None, **kw) -> Engine:
+    provider = provider or ("CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider")
+    return _build_exported("onnx", "onnxruntime", model, precision, device, provider=provider, **kw)
+
+
+def _build_aoti(model, precision, device, **kw) -> Engine:
+    return _build_exported("aoti", "aoti", model, precision, device, **kw)
+
+
+def _build_trt(model, precision, device, **kw) -> Engine:
+    return _build_exported("trt", "tensorrt", model, precision, device, **kw)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend(
+            "torch",
+            {"cpu": ("fp32", "bf16", "fp16"), "cuda": ("fp32", "fp16", "bf16")},
+            _check_torch,
+            _build_torch,
+            "eager PyTorch (fp32 reference; fp16/bf16 under autocast)",
+        ),
+        Backend(
+            "torch-compile",
+            {"cpu": ("fp32", "bf16", "fp16"), "cuda": ("fp32", "fp16", "bf16")},
+            _check_compile,
+            _build_compile,
+            "torch.compile; max-autotune + CUDA graphs on GPU",
+            ("compile_mode", "dynamic", "batch_buckets"),
+        ),
+        Backend(
+            "onnxruntime",
+            {"cpu": ("fp32", "fp16", "int8"), "cuda": ("fp32", "fp16", "int8")},
+            _check_ort,
+            _build_ort,
+            "priorclip.export ONNX graph on ONNX Runtime (CPU / CUDA provider)",
+            ("provider",),
+        ),
+        Backend(
+            "aoti",
+            {"cpu": ("fp32", "fp16"), "cuda": ("fp32", "fp16")},
+            _check_aoti,
+            _build_aoti,
+            "priorclip.export AOTInductor package",
+        ),
+        Backend(
+            "tensorrt", {"cuda": ("fp32", "fp16", "int8")}, _check_trt, _build_trt, "priorclip.export TensorRT engine"
+        ),
+    )
+}
+
+
+def available_backends(device: str | torch.device = "cpu") -> dict[str, str | None]:
+    """Every backend name -> None if it can run on ``device`` here, else the reason it cannot."""
+    dev = _device_type(device)
+    out: dict[str, str | None] = {}
+    for name, b in BACKENDS.items():
+        if dev not in b.precisions:
+            out[name] = f"{name} does not run on {dev}"
+            continue
+        out[name] = b.check(dev)
+    return out
+
+
+def supported_precisions(backend: str, device: str | torch.device) -> tuple[str, ...]:
+    return get_backend(backend).precisions.get(_device_type(device), ())
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise PriorCLIPError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def create_engine(
+    backend: str,
+    model: PriorCLIP,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    workdir: str | Path | None = None,
+    calib=None,
+    **options: Any,
+) -> Engine:
+    """Build an :class:`Engine` of ``backend`` for ``model`` at ``precision`` on ``device``.
+
+    Args:
+        backend: a key of :data:`BACKENDS`.
+        model: the PriorCLIP model (eval mode); engines may move it to ``device``.
+        precision: fp32, fp16, bf16 or int8, as the backend supports on that device.
+        workdir: where exporting backends write their artefacts (default: a fresh temporary folder).
+        calib: a :class:`~priorclip.data.RetrievalSet` for int8 calibration.
+        options: backend options: ``compile_mode`` and ``batch_buckets`` (torch-compile), ``provider`` (onnxruntime),
+            ``max_batch`` (exporters).
+
+    Raises:
+        PriorCLIPError: unknown backend, a precision it does not support, or a backend that cannot run here.
+    """
+    b = get_backend(backend)
+    dev = torch.device(device)
+    reason = available_backends(dev)[backend]
+    if reason is not None:
+        raise PriorCLIPError(f"backend {backend} is not available on {dev.type}: {reason}")
+    if precision not in b.precisions.get(dev.type, ()):
+        raise PriorCLIPError(
+            f"backend {backend} does not run {precision} on {dev.type} (it runs: {', '.join(b.precisions[dev.type])})"
+        )
+    return b.build(model, precision, dev, workdir=workdir, calib=calib, **options)

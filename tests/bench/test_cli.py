@@ -1,0 +1,217 @@
+"""``priorclip-bench`` end to end on the tiny model on CPU: outputs, report schema, and user mistakes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from priorclip.benchmarks.cli import main
+from priorclip.benchmarks.report import SCHEMA, validate_report
+from priorclip.serve.engines import available_backends
+
+FAST = [
+    "--model",
+    "priorclip-tiny",
+    "--device",
+    "cpu",
+    "--batch-sizes",
+    "1,2",
+    "--warmup",
+    "1",
+    "--iters",
+    "2",
+    "--recall-images",
+    "8",
+    "--e2e-images",
+    "4",
+    "--quiet",
+]
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _report(out):
+    files = sorted(out.glob("bench-cpu-*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text()), files[0]
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    """torch, plus onnxruntime when the export package is built (the compiling backends are in the slow test)."""
+    out = tmp_path_factory.mktemp("bench")
+    backends = ["torch"] + (["onnxruntime"] if available_backends("cpu")["onnxruntime"] is None else [])
+    res = _run([*FAST, "--backends", ",".join(backends), "--precisions", "fp32,bf16", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out, res.output, backends
+
+
+def test_writes_json_markdown_and_png(fast_run):
+    out, output, backends = fast_run
+    doc, path = _report(out)
+    assert path.with_suffix(".md").is_file() and path.with_suffix(".png").stat().st_size > 1000
+    md = path.with_suffix(".md").read_text()
+    assert "## Latency and throughput" in md and "## Recall check" in md and "JPEG" in md
+    assert "items/s" in output and "reference torch/fp32" in output
+
+
+def test_report_schema_and_contents(fast_run):
+    out, _, backends = fast_run
+    doc, _ = _report(out)
+    assert validate_report(doc) == []
+    assert doc["schema"] == SCHEMA
+    env = doc["environment"]
+    assert env["device"] == "cpu" and env["versions"]["torch"] and env["date_utc"].endswith("Z")
+    assert "priorclip-tiny" in env["command"] or env["command"]
+    ok = {(e["backend"], e["precision"]) for e in doc["engines"] if e["status"] == "ok"}
+    assert ("torch", "fp32") in ok and ("torch", "bf16") in ok
+    if "onnxruntime" in backends:
+        assert ("onnxruntime", "fp32") in ok
+        assert any(e["backend"] == "onnxruntime" and e["status"] == "unsupported" for e in doc["engines"])  # no bf16
+    points = {(t["backend"], t["precision"], t["tower"], t["batch"]) for t in doc["timings"]}
+    for b, p in ok:
+        assert {(b, p, tw, n) for tw in ("image", "text") for n in (1, 2)} <= points
+    assert {(e["backend"], e["precision"]) for e in doc["e2e"]} == ok
+    assert {r["engine"] for r in doc["recall"]["engines"]} == {f"{b}/{p}" for b, p in ok}
+    assert doc["recall"]["dataset"]["n_images"] == 8
+    fp32 = [r for r in doc["recall"]["engines"] if r["precision"] == "fp32"]
+    assert all(r["within_tolerance"] for r in fp32), [(r["engine"], r["failures"]) for r in fp32]
+
+
+def test_validator_catches_a_broken_report(fast_run):
+    doc, _ = _report(fast_run[0])
+    del doc["environment"]["git_revision"]
+    doc["timings"][0]["p50_ms"] = "fast"
+    problems = validate_report(doc)
+    assert any("git_revision" in p for p in problems) and any("p50_ms" in p for p in problems)
+
+
+def test_dataset_option_reads_a_karpathy_folder(tmp_path):
+    from priorclip.synthetic import make_sample
+
+    make_sample(tmp_path / "ds", n_images=6, size=64)
+    res = _run(
+        [
+            *FAST,
+            "--backends",
+            "torch",
+            "--no-e2e",
+            "--towers",
+            "image",
+            "--batch-sizes",
+            "4",
+            "--dataset",
+            str(tmp_path / "ds"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    doc, _ = _report(tmp_path / "out")
+    assert doc["recall"]["dataset"]["name"] == "dataset.json" and doc["recall"]["dataset"]["n_images"] == 6
+    assert {t["tower"] for t in doc["timings"]} == {"image"} and doc["e2e"] == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backends", "nope"], "unknown backend 'nope'"),
+        (["--engines", "torch:fp8"], "unknown precision 'fp8'"),
+        (["--batch-sizes", "0,8"], "positive integers"),
+        (["--batch-sizes", "a,b"], "positive integers"),
+        (["--dataset", "/nonexistent/ds.json"], "not found"),
+        (["--images", "/tmp"], "--images needs --dataset"),
+        (["--engines", "torch", "--backends", "torch"], "not both"),
+        (["--model", "no-such-model"], "unknown model"),
+    ],
+)
+def test_user_mistakes_are_one_line(tmp_path, args, message):
+    res = CliRunner().invoke(main, ["--device", "cpu", "--out", str(tmp_path), *args])
+    assert res.exit_code != 0
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.startswith("Error")]) == 1
+
+
+def test_unavailable_backend_is_listed_with_its_reason(tmp_path):
+    res = _run(
+        [
+            *FAST,
+            "--engines",
+            "torch:fp32,tensorrt:fp16",
+            "--no-recall",
+            "--no-e2e",
+            "--towers",
+            "text",
+            "--batch-sizes",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    doc, _ = _report(tmp_path)
+    trt = [e for e in doc["engines"] if e["backend"] == "tensorrt"]
+    assert trt and trt[0]["status"] == "unavailable" and trt[0]["reason"]
+    assert doc["recall"] is None
+
+
+@pytest.mark.slow
+def test_compiling_backends_on_tiny_with_the_gpu_script_options(tmp_path):
+    """torch-compile and AOTInductor through the whole CLI with benchmarks/gpu/bench.sh's options (compile mode,
+    dynamic batch, --engines, a dataset folder, --note); compiling makes this slow on CPU."""
+    from priorclip.synthetic import make_sample
+
+    avail = available_backends("cpu")
+    engines = [
+        e
+        for e in ("torch:fp32", "torch:fp16", "torch-compile:fp32", "onnxruntime:fp16", "onnxruntime:int8", "aoti:fp32")
+        if avail[e.split(":")[0]] is None
+    ]
+    make_sample(tmp_path / "ds", n_images=5, size=64)
+    res = _run(
+        [
+            *FAST,
+            "--engines",
+            ",".join(engines),
+            "--batch-sizes",
+            "2,3",
+            "--compile-mode",
+            "reduce-overhead",
+            "--compile-dynamic",
+            "--dataset",
+            str(tmp_path / "ds"),
+            "--note",
+            "test",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert res.exit_code == 0, res.output
+    doc, _ = _report(tmp_path / "out")
+    ok = {f"{e['backend']}:{e['precision']}" for e in doc["engines"] if e["status"] == "ok"}
+    assert ok == set(engines), doc["engines"]
+    compiled = [e for e in doc["engines"] if e["backend"] == "torch-compile"]
+    assert all(e["metadata"]["dynamic"] and e["metadata"]["compile_mode"] == "reduce-overhead" for e in compiled)
+    rows = {r["engine"]: r for r in doc["recall"]["engines"]}
+    for name in ("torch-compile/fp32", "aoti/fp32"):
+        if name in rows:
+            assert rows[name]["within_tolerance"], rows[name]
+    assert doc["config"]["note"] == "test"
+
+
+def test_gpu_markdown_puts_our_numbers_beside_the_reference_points(fast_run):
+    """The H100 report's extra section, rendered from a CPU report relabelled as a GPU one."""
+    from priorclip.benchmarks.report import render_markdown
+
+    doc, _ = _report(fast_run[0])
+    doc["environment"]["device"] = "cuda:0"
+    row = dict(doc["timings"][0], backend="torch", precision="fp16", tower="image", batch=256, items_per_s=6900.0)
+    doc["timings"].append(row)
+    md = render_markdown(doc)
+    assert "## Beside the reference points" in md
+    assert "| 6,900 | 1.00x |" in md and "not run" in md

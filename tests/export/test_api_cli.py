@@ -1,0 +1,126 @@
+"""export_model's manifest and parity report, tolerance enforcement, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from priorclip.export import TOLERANCES, ExportError, Tolerance, export_model, open_engine
+from priorclip.export.cli import main
+
+
+def test_manifest_describes_the_export(tiny_exports):
+    m = json.loads((tiny_exports["int8"].out_dir / "manifest.json").read_text())
+    assert m["format"] == "onnx" and m["precision"] == "int8" and m["opset"] == 18
+    assert m["model"]["name"] == "priorclip-tiny" and m["model"]["config"]["embed_dim"] == 32
+    assert m["checkpoint"]["sha256"] == "random-init"
+    assert m["io"]["image"]["inputs"][0] == {"name": "pixels", "dtype": "float32", "shape": ["batch", 3, 64, 64]}
+    assert m["io"]["text"]["inputs"][0]["dtype"] == "int64" and "ArgMax" in m["io"]["text"]["eot"]
+    assert m["calibration"]["method"] == "minmax"
+    for tool in ("torch", "onnx", "onnxruntime"):
+        assert m["tools"][tool]
+    assert m["created"] and m["command"]
+    assert open_engine(tiny_exports["int8"].out_dir).metadata["precision"] == "int8"
+
+
+def test_parity_report_written_and_within_tolerance(tiny_exports):
+    res = tiny_exports["fp32"]
+    tmp_path = res.out_dir
+    p = json.loads((tmp_path / "parity.json").read_text())
+    assert res.parity["passed"] and p["passed"] and p["n_images"] == 16 and p["n_captions"] == 80
+    assert p["image"]["cosine_min"] > 0.99999 and p["text"]["cosine_min"] > 0.99999
+    assert p["top10_agreement"]["i2t"] > 0.99 and p["recall_delta"]["mR"] == 0.0
+    for key in ("recall_reference", "recall_engine", "recall_delta"):
+        assert set(p[key]) >= {"i2t_R@1", "t2i_R@10", "mR"}
+    assert "| onnx-fp32" in (tmp_path / "parity.md").read_text()
+    assert res.manifest["parity"]["passed"]
+
+
+def test_export_outside_tolerance_fails_unless_forced(tiny_model, synthetic_set, tmp_path, monkeypatch):
+    small = synthetic_set.subset(4)
+    monkeypatch.setitem(TOLERANCES, "fp32", Tolerance(min_cosine=1.01, max_abs_delta_mR=0.0))
+    with pytest.raises(ExportError, match="parity outside the fp32 tolerance"):
+        export_model(tiny_model, tmp_path / "a", "onnx", "fp32", parity_set=small, progress=False)
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["parity"]["passed"] is False
+    res = export_model(tiny_model, tmp_path / "b", "onnx", "fp32", parity_set=small, progress=False, force=True)
+    assert res.parity["passed"] is False and res.parity["failures"]
+
+
+def _cli(args):
+    r = CliRunner().invoke(main, args)
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    return r.exit_code, lines
+
+
+@pytest.mark.parametrize("case", ["format", "checkpoint", "empty-calib", "unwritable", "int8-no-calib", "method"])
+def test_cli_bad_inputs_give_one_line(case, tmp_path):
+    out = str(tmp_path / "out")
+    args = {
+        "format": ["--model", "priorclip-tiny", "--format", "tflite", "--out", out],
+        "checkpoint": ["--checkpoint", str(tmp_path / "missing.pt"), "--out", out],
+        "empty-calib": ["--model", "priorclip-tiny", "--precision", "int8", "--calib-data", str(tmp_path),
+                        "--out", out],
+        "unwritable": ["--model", "priorclip-tiny", "--no-parity", "--out", str(tmp_path / "afile" / "out")],
+        "int8-no-calib": ["--model", "priorclip-tiny", "--precision", "int8", "--out", out],
+        "method": ["--model", "priorclip-tiny", "--precision", "int8", "--calib-method", "mse", "--out", out],
+    }[case]
+    if case == "unwritable":
+        (tmp_path / "afile").write_text("x")
+    code, lines = _cli(args)
+    assert code != 0
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    expect = {"format": "--format", "checkpoint": "checkpoint not found", "empty-calib": "no image files",
+              "unwritable": "not writable", "int8-no-calib": "--calib-data", "method": "--calib-method"}[case]
+    assert expect in lines[0]
+
+
+def test_cli_exports_with_generated_parity_set(tmp_path):
+    code, lines = _cli(["--model", "priorclip-tiny", "--out", str(tmp_path), "-q"])
+    assert code == 0, lines
+    assert (tmp_path / "parity.json").is_file() and (tmp_path / "manifest.json").is_file()
+    assert any(ln.startswith("| onnx-fp32") for ln in lines)
+
+
+def test_cli_trt_without_tensorrt_writes_onnx_then_fails(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_trt(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "tensorrt" and level == 0:
+            raise ImportError("No module named 'tensorrt'")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_trt)
+    code, lines = _cli(["--model", "priorclip-tiny", "--format", "trt", "--precision", "fp16", "--max-batch", "16",
+                        "--out", str(tmp_path), "-q"])
+    assert code == 1 and len(lines) == 1
+    assert "TensorRT is not installed" in lines[0] and "pip install tensorrt" in lines[0]
+    assert (tmp_path / "image_encoder.onnx").is_file() and (tmp_path / "text_encoder.onnx").is_file()
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["format"] == "trt" and m["tensorrt"]["engines"] is None
+    assert m["tensorrt"]["profiles"]["image"]["pixels"] == {"min": [1, 3, 64, 64], "opt": [16, 3, 64, 64],
+                                                            "max": [16, 3, 64, 64]}
+    assert m["tensorrt"]["profiles"]["text"]["tokens"]["max"] == [16, 77]
+
+
+def test_open_engine_errors_are_clear(tmp_path, tiny_exports):
+    from priorclip.errors import PriorCLIPError
+
+    with pytest.raises(PriorCLIPError, match="no manifest.json"):
+        open_engine(tmp_path)
+    with pytest.raises(PriorCLIPError, match="provider"):
+        open_engine(tiny_exports["fp32"].out_dir, provider="NoSuchExecutionProvider")
+
+
+def test_export_model_rejects_bad_options(tiny_model, tmp_path):
+    with pytest.raises(ExportError, match="needs calibration data"):
+        export_model(tiny_model, tmp_path, "onnx", "int8", progress=False)
+    with pytest.raises(ExportError, match="aoti supports"):
+        export_model(tiny_model, tmp_path, "aoti", "int8", progress=False)
+    with pytest.raises(ExportError, match="unknown format"):
+        export_model(tiny_model, tmp_path, "tflite", progress=False)
