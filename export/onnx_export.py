@@ -111,7 +111,12 @@ def io_spec(model: nn.Module, max_batch: int) -> dict:
 
 def _quiet_export(module: nn.Module, args: tuple, path: Path, input_name: str, dynamic: dict, opset: int) -> None:
     buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    # torch's own logging configuration gives its loggers explicit levels, so quieten each one, not just the parents.
+    prefixes = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "onnxscript")
+    import torch.onnx._internal.exporter._registration  # noqa: F401  (registers its logger before we quieten it)
+
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(prefixes)] + list(prefixes)
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
