@@ -424,7 +424,7 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
             f"Dataset: {_dataset_line(doc['recall']['dataset'])}. Reference: eager "
             "PyTorch fp32, TF32 off. ΔmR in percentage points; FAIL = outside the precision's tolerance "
             "(cosine floor "
-            + ", ".join(f"{p} {t.cosine_min}" for p, t in TOLERANCES.items())
+            + ", ".join(f"{p} {t.min_cosine}" for p, t in TOLERANCES.items())
             + "; |ΔmR| allowance per row in the JSON).",
             "",
             recall_table(doc["recall"]["reference"], doc["recall"]["engines"]),

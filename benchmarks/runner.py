@@ -445,7 +445,7 @@ def _report(
             "reference": ref_metrics,
             "engines": list(recall_rows),
             "tolerances": {
-                p: {"cosine_min": t.cosine_min, "dmr_max": recall_mod.dmr_allowance(p, len(data.pixels))}
+                p: {"cosine_min": t.min_cosine, "dmr_max": recall_mod.dmr_allowance(p, len(data.pixels))}
                 for p, t in recall_mod.TOLERANCES.items()
             },
         },

@@ -58,7 +58,7 @@ def test_corrupted_embeddings_fail(corruption):
 
 
 def test_dmr_allowance_follows_the_set_resolution():
-    assert recall.dmr_allowance("fp32", 10_000) == recall.TOLERANCES["fp32"].dmr_base
+    assert recall.dmr_allowance("fp32", 10_000) == recall.TOLERANCES["fp32"].max_abs_delta_mR
     assert recall.dmr_allowance("fp16", 8) == pytest.approx(2 * 100 / 48)  # 2 flips on an 8-image set
 
 
