@@ -50,22 +50,10 @@ class RetrievalSet:
 def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "test", check_files: bool = True) -> RetrievalSet:
     """Read one split of a Karpathy-style dataset JSON; raises :class:`DataError` on any malformed input."""
     json_path, image_root = Path(json_path), Path(image_root)
-    if not json_path.is_file():
-        raise DataError(f"dataset JSON not found: {json_path}")
-    if not image_root.is_dir():
-        raise DataError(f"image folder not found: {image_root}")
-    try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{json_path}: not valid JSON ({e})") from None
-    entries = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        raise DataError(f"{json_path}: expected a Karpathy-style object with an 'images' list")
+    entries = read_karpathy_entries(json_path, image_root)
     grouped: dict[str, list[str]] = {}
     splits: set[str] = set()
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("filename"), str) or not isinstance(e.get("sentences"), list):
-            raise DataError(f"{json_path}: images[{i}] needs a 'filename' string and a 'sentences' list")
         splits.add(str(e.get("split")))
         if e.get("split") != split:
             continue
@@ -90,6 +78,25 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
     captions = [c for n in names for c in grouped[n]]
     owner = [i for i, n in enumerate(names) for _ in grouped[n]]
     return RetrievalSet(paths, captions, np.array(owner))
+
+
+def read_karpathy_entries(json_path: Path, image_root: Path) -> list[dict]:
+    """The validated ``images`` entries of a Karpathy-style JSON (each has a ``filename`` and a ``sentences`` list)."""
+    if not json_path.is_file():
+        raise DataError(f"dataset JSON not found: {json_path}")
+    if not image_root.is_dir():
+        raise DataError(f"image folder not found: {image_root}")
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{json_path}: not valid JSON ({e})") from None
+    entries = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(f"{json_path}: expected a Karpathy-style object with an 'images' list")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("filename"), str) or not isinstance(e.get("sentences"), list):
+            raise DataError(f"{json_path}: images[{i}] needs a 'filename' string and a 'sentences' list")
+    return entries
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -19,7 +19,6 @@ import csv
 import functools
 import glob
 import io
-import json
 import math
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from priorclip.data import read_karpathy_entries
 from priorclip.errors import DataError
 from priorclip.transforms import OPENAI_MEAN, OPENAI_STD, open_image
 
@@ -74,22 +74,10 @@ def detect_type(data: str) -> str:
 def load_karpathy_pairs(json_path: str | Path, image_root: str | Path, split: str = "train") -> PairSource:
     """All (image, caption) pairs of one split of a Karpathy-style JSON, with each image's ``label`` if present."""
     json_path, image_root = Path(json_path), Path(image_root)
-    if not json_path.is_file():
-        raise DataError(f"dataset JSON not found: {json_path}")
-    if not image_root.is_dir():
-        raise DataError(f"image folder not found: {image_root}")
-    try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{json_path}: not valid JSON ({e})") from None
-    entries = doc.get("images") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        raise DataError(f"{json_path}: expected a Karpathy-style object with an 'images' list")
+    entries = read_karpathy_entries(json_path, image_root)
     images, labels, captions, owner, splits = [], [], [], [], set()
     index: dict[str, int] = {}
     for i, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("filename"), str) or not isinstance(e.get("sentences"), list):
-            raise DataError(f"{json_path}: images[{i}] needs a 'filename' string and a 'sentences' list")
         splits.add(str(e.get("split")))
         if e.get("split") != split:
             continue
