@@ -93,7 +93,7 @@ def model_options(fn: Callable) -> Callable:
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
         help="Weights: an official PriorCLIP .pt, or a priorclip checkpoint (.pt/.safetensors, which carries its "
-        "config). Without it the model has random weights.",
+        "config). Without it the model has random weights (seed 0).",
     )(fn)
     fn = click.option(
         "--model",
@@ -104,10 +104,20 @@ def model_options(fn: Callable) -> Callable:
     return fn
 
 
+RANDOM_INIT_SEED = 0
+
+
 def build_model(model_name: str | None, checkpoint: Path | None, gate: str | None):
+    """The model a CLI works on; without a checkpoint its random weights come from a fixed seed, so runs repeat."""
+    import torch
+
     from priorclip.registry import create_model
 
     overrides = {"gate": gate} if gate else {}
+    if checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return create_model(model_name, **overrides)
     return create_model(model_name, checkpoint=checkpoint, **overrides)
 
 
