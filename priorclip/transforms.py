@@ -27,11 +27,30 @@ def open_image(source: str | Path | bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         img.load()  # decode now, so truncated files fail here and not inside a batch
-        return img
+        return to_8bit(img)
     except FileNotFoundError:
         raise DataError(f"image not found: {name}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot decode image {name}: {e}") from None
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Single-band 16-bit / 32-bit images (common for remote-sensing GeoTIFF/PNG tiles) to 8-bit grey.
+
+    PIL's own conversion clips them at 255 (a 16-bit tile turns white, a [0, 1] float tile black). Integers are mapped
+    linearly from their full range (16-bit: v / 257; 32-bit: clipped to 0-255 if the tile fits, else v / 2^24);
+    floats are read as [0, 1] reflectance if the tile lies within it, else as 0-255 values.
+    """
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        a = a / 257.0
+    elif img.mode == "I":
+        a = a if a.min() >= 0 and a.max() <= 255 else a / 2.0**24
+    elif a.size and np.nanmin(a) >= 0 and np.nanmax(a) <= 1.0:
+        a = a * 255.0
+    return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), "L")
 
 
 def resize_shortest(img: Image.Image, size: int) -> Image.Image:

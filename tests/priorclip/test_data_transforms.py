@@ -102,3 +102,14 @@ def test_eval_transform_geometry_and_values():
     assert EvalTransform(64)(Image.new("RGBA", (80, 64), (255, 0, 0, 10))).shape == (3, 64, 64)
     exact = EvalTransform(4)(Image.fromarray(np.full((4, 4, 3), 51, np.uint8)))
     assert torch.allclose(exact[0], torch.full((4, 4), (0.2 - OPENAI_MEAN[0]) / OPENAI_STD[0]), atol=1e-6)
+
+
+def test_high_bit_depth_tiles_are_scaled_not_clipped(tmp_path):
+    a16 = np.full((40, 50), 32896, dtype=np.uint16)  # mid-grey in 16 bits: 32896 / 257 = 128
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    img = open_image(tmp_path / "g16.png")
+    assert img.mode == "L" and np.asarray(img).max() == 128
+    Image.fromarray(np.full((40, 50), 0.5, dtype=np.float32)).save(tmp_path / "f.tif")  # reflectance in [0, 1]
+    assert np.asarray(open_image(tmp_path / "f.tif")).max() == 128
+    x = EvalTransform(32)(open_image(tmp_path / "g16.png"))
+    assert torch.allclose(x[0], torch.full((32, 32), (128 / 255 - OPENAI_MEAN[0]) / OPENAI_STD[0]), atol=1e-5)
