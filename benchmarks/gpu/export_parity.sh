@@ -6,15 +6,18 @@
 #    and runs each with ONNX Runtime's CUDA execution provider (TF32 off), against the fp32 PyTorch reference;
 # 3. compiles the AOTInductor packages (fp32, fp16) for cuda and runs the same parity;
 # Results: $OUT/export-parity-gpu-*.{json,md}, $OUT/export-parity-aoti-gpu-*.{json,md}, logs and env.txt.
-# Data: ../shared/data/aid-rsicd when present (first 256 test images), else generated scenes.
+# Data: ../shared/data/aid-rsicd or /tmp/data/aid-rsicd when present (first 256 test images), else generated scenes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/gpu-export}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 N_TEST=${N_TEST:-256}
-DATA=../shared/data/aid-rsicd
-[ -f "$DATA/dataset_rsicd_aid.json" ] || DATA=synthetic
+# The full data set (calibration uses its train split): ../shared where it exists, else where data-chunks unpacks it.
+DATA=synthetic
+for d in ../shared/data/aid-rsicd /tmp/data/aid-rsicd; do
+  if [ -f "$d/dataset_rsicd_aid.json" ]; then DATA=$d; break; fi
+done
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   # onnxruntime and onnxruntime-gpu install the same module folder: remove the CPU one first.
