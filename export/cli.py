@@ -104,6 +104,9 @@ def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method,
          max_batch, opset,
          device, force, out_dir, quiet) -> None:
     """Export PriorCLIP's image and text encoders with a manifest and a parity report against fp32 PyTorch."""
+    from . import require_export_dependencies
+
+    require_export_dependencies()
     from .api import FORMATS, PRECISIONS, export_model
     from .fp16 import DEFAULT_KEEP_PATTERNS
     from .onnx_export import OPSET

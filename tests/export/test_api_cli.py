@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -124,3 +125,15 @@ def test_export_model_rejects_bad_options(tiny_model, tmp_path):
         export_model(tiny_model, tmp_path, "aoti", "int8", progress=False)
     with pytest.raises(ExportError, match="unknown format"):
         export_model(tiny_model, tmp_path, "tflite", progress=False)
+
+
+def test_missing_export_extra_is_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from priorclip.export.cli import main
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the [export] extra were not installed
+    r = CliRunner().invoke(main, ["--model", "priorclip-tiny", "--out", str(tmp_path / "x"), "--no-parity"])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: exporting needs onnx") and last.endswith("pip install 'priorclip[export]'")
