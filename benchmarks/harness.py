@@ -1,30 +1,42 @@
-"""Timing harness: latency percentiles, throughput, peak memory and achieved TFLOP/s per engine and batch size.
+"""Timing harness: request latency, pipelined throughput, peak memory and achieved TFLOP/s per engine and batch size,
+and the machine's load while timing (so a busy machine cannot pass off slow numbers as the engine's).
 
 Method (the same for every backend, so the rows compare):
 
 - inputs: a pool of distinct batches, made once and rotated per iteration, so caches and CUDA-graph input reuse do
-  not flatter a backend that would otherwise see the same tensor every time; on GPU they sit on the device already;
+  not flatter a backend that would otherwise see the same tensor every time; on GPU they sit on the device already
+  and engines return device tensors (device tensor in, device tensor out for every backend);
 - warm-up calls are separate and untimed (they also absorb compilation and autotuning);
-- on GPU each call is timed with a pair of ``torch.cuda.Event`` s and one synchronisation at the end; on CPU with
-  ``time.perf_counter`` around the call (CPU backends return when their work is done);
-- throughput = batch / mean latency; achieved TFLOP/s = batch x FLOPs per item / mean latency, where FLOPs per item
-  are counted on the model itself (``FlopCounterMode``, the same count as ``priorclip info``), at the text length the
-  engine really runs (full context for fixed-length engines, the caption length for the trimming eager model);
+- **request latency**: every call is synchronised (on GPU ``torch.cuda.synchronize`` after it) and timed with the
+  host clock around it, which is what a caller waiting for one request sees. Percentiles are printed only where the
+  samples support them: p90 from :data:`MIN_SAMPLES` ["p90"] (10) calls, p99 from 100, else "—";
+- **pipelined throughput**: back-to-back calls with one synchronisation at the end, items/s = batch x calls /
+  elapsed. On CPU every backend returns when its work is done, so the latency calls already run back to back and
+  their total is the throughput measurement (no second pass); on GPU it is a second, unsynchronised pass;
+- achieved TFLOP/s = batch x FLOPs per item x throughput, FLOPs counted on the model itself (``FlopCounterMode``,
+  the same count as ``priorclip info``) at the text length the engine really runs (full context for fixed-length
+  engines, the caption length for the trimming eager model);
 - the machine's peak is measured in the same run by matrix products (fp16 and bf16 8192^3 on GPU; on CPU fp32 at a
-  few sizes in torch and ONNX Runtime, the best of them), so "fraction of peak" needs no datasheet; on GPU every row is divided by the half-precision peak (the fp32
-  matrix-product peak is recorded beside it).
+  few sizes in torch and ONNX Runtime, the best of them), so "fraction of peak" needs no datasheet; on GPU every row
+  is divided by the half-precision peak (the fp32 matrix-product peak is recorded beside it);
+- :class:`LoadMonitor` reads /proc (and nvidia-smi on GPU) around every timed point and every second in a background
+  thread; :func:`assess_reliability` turns the readings and the timing spread into warnings.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import resource
+import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +48,19 @@ from priorclip.transforms import EvalTransform, open_image
 
 TOWERS = ("image", "text")
 
+# A percentile is printed only from this many samples on (p99 of 50 samples is the 2nd-largest, not a p99).
+MIN_SAMPLES = {"p90": 10, "p99": 100}
+
+# When timings are flagged unreliable (see assess_reliability). Others' CPU share and steal are fractions of the
+# machine's whole CPU capacity during the timed points: 10 % of 2 cores is 0.2 of a core taken from our threads on
+# average, already enough to move CPU numbers by more than the differences the report ranks engines by.
+OTHERS_CPU_SHARE_MAX = 0.10
+STEAL_SHARE_MAX = 0.05
+# Timing spread of one point: coefficient of variation of its latencies, and p90/p50 where p90 is printed.
+CV_MAX = 0.15
+P90_P50_MAX = 1.3
+MIN_SAMPLES_FOR_SPREAD = 5
+
 
 @dataclass
 class TimingRow:
@@ -44,17 +69,22 @@ class TimingRow:
     tower: str  # image | text
     batch: int
     tokens: int | None  # text length the engine ran (None for images)
-    iters: int
+    iters: int  # latency samples (synchronised calls)
     p50_ms: float
-    p90_ms: float
-    p99_ms: float
+    p90_ms: float | None  # None below MIN_SAMPLES["p90"] samples
+    p99_ms: float | None  # None below MIN_SAMPLES["p99"] samples
     mean_ms: float
-    items_per_s: float
+    cv: float  # std / mean of the latencies
+    items_per_s: float  # pipelined throughput (back-to-back calls, one sync at the end)
+    throughput_calls: int
+    throughput_method: str
     gflop_per_item: float
     tflops: float
     frac_peak: float | None
     peak_mem_mib: float | None
     mem_kind: str  # what peak_mem_mib measures
+    others_cpu_share: float | None = None  # other processes' share of the machine's CPU while this point ran
+    unsteady: bool = False  # spread above CV_MAX or P90_P50_MAX
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,34 +98,69 @@ def _sync(device: torch.device) -> None:
 def time_calls(
     fn: Callable[[torch.Tensor], object], pool: Sequence[torch.Tensor], warmup: int, iters: int, device: torch.device
 ) -> list[float]:
-    """Milliseconds of ``iters`` calls of ``fn`` rotating over ``pool``, after ``warmup`` untimed calls."""
+    """Request latency: milliseconds of ``iters`` synchronised calls of ``fn`` rotating over ``pool``, after
+    ``warmup`` untimed calls. Host clock around call + synchronisation, the time a waiting caller sees."""
+    device = torch.device(device)
     for i in range(warmup):
         fn(pool[i % len(pool)])
     _sync(device)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for i, (start, end) in enumerate(events):
-            start.record()
-            fn(pool[i % len(pool)])
-            end.record()
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) for s, e in events]
     out = []
     for i in range(iters):
         t0 = time.perf_counter()
         fn(pool[i % len(pool)])
+        _sync(device)
         out.append((time.perf_counter() - t0) * 1e3)
     return out
 
 
-def percentiles(ms: Sequence[float]) -> dict[str, float]:
+def time_pipelined(
+    fn: Callable[[torch.Tensor], object], pool: Sequence[torch.Tensor], calls: int, device: torch.device
+) -> float:
+    """Seconds for ``calls`` back-to-back calls with a single synchronisation at the end (throughput, not latency)."""
+    device = torch.device(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(calls):
+        fn(pool[i % len(pool)])
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure_point(
+    fn: Callable[[torch.Tensor], object], pool: Sequence[torch.Tensor], warmup: int, iters: int, device: torch.device
+) -> tuple[list[float], float, int, str]:
+    """(latencies ms, pipelined seconds, pipelined calls, method) of one engine x tower x batch point."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        ms = time_calls(fn, pool, warmup, iters, device)
+        return ms, time_pipelined(fn, pool, iters, device), iters, "back-to-back calls, one sync at the end"
+    # CPU calls return when done: the synchronised latency calls are back-to-back calls already, so their total is the
+    # pipelined measurement (a second pass would only double the CPU run time)
+    ms = time_calls(fn, pool, warmup, iters, device)
+    return ms, sum(ms) / 1e3, iters, "back-to-back calls (the latency calls; CPU calls are synchronous)"
+
+
+def percentiles(ms: Sequence[float]) -> dict[str, float | None]:
+    """p50 / p90 / p99 / mean / cv of latencies; p90 and p99 are None where too few samples support them."""
     a = np.asarray(ms, dtype=np.float64)
+    n = len(a)
+    mean = float(a.mean())
     return {
         "p50_ms": float(np.percentile(a, 50)),
-        "p90_ms": float(np.percentile(a, 90)),
-        "p99_ms": float(np.percentile(a, 99)),
-        "mean_ms": float(a.mean()),
+        "p90_ms": float(np.percentile(a, 90)) if n >= MIN_SAMPLES["p90"] else None,
+        "p99_ms": float(np.percentile(a, 99)) if n >= MIN_SAMPLES["p99"] else None,
+        "mean_ms": mean,
+        "cv": float(a.std() / mean) if n > 1 and mean > 0 else 0.0,
     }
+
+
+def is_unsteady(stats: dict, n: int) -> bool:
+    """Spread of one point's latencies too wide for its numbers to be read as the engine's."""
+    if n < MIN_SAMPLES_FOR_SPREAD:
+        return False
+    if stats["cv"] > CV_MAX:
+        return True
+    return stats["p90_ms"] is not None and stats["p50_ms"] > 0 and stats["p90_ms"] / stats["p50_ms"] > P90_P50_MAX
 
 
 def rss_high_water_mib() -> float:
@@ -224,11 +289,12 @@ def bench_engine(
     towers: Sequence[str] = TOWERS,
     on_row: Callable[[TimingRow], None] | None = None,
     free_before_build: int | None = None,
+    monitor: "LoadMonitor | None" = None,
 ) -> list[TimingRow]:
     """Time ``engine`` for each tower and batch size; returns one :class:`TimingRow` each.
 
     ``free_before_build``: free device bytes measured before the engine was built, the baseline of the memory taken
-    by runtimes that allocate outside torch (ONNX Runtime, TensorRT).
+    by runtimes that allocate outside torch (ONNX Runtime, TensorRT). ``monitor``: readings around every point.
     """
     rows = []
     peak = peak_for(engine.precision, peaks)
@@ -240,7 +306,9 @@ def bench_engine(
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(engine.device)
                 free_before = free_before_build or torch.cuda.mem_get_info(engine.device)[0]
-            ms = time_calls(fn, pool, warmup, iters, engine.device)
+            window = monitor.window() if monitor is not None else _no_window()
+            with window as w:
+                ms, pipe_s, pipe_calls, method = measure_point(fn, pool, warmup, iters, engine.device)
             if engine.device.type == "cuda":
                 if engine.backend.startswith("torch"):
                     mem, kind = torch.cuda.max_memory_allocated(engine.device) / 2**20, "torch allocator peak"
@@ -254,27 +322,37 @@ def bench_engine(
             if tower == "text":
                 tokens = engine.context_length if engine.fixed_text_length else text_length
             gflop = gflop_per_item(cfg, tower, tokens)
-            tflops = batch * gflop / (stats["mean_ms"] * 1e-3) / 1e3
+            items_per_s = batch * pipe_calls / pipe_s
+            tflops = items_per_s * gflop / 1e3
             row = TimingRow(
                 engine.backend,
                 engine.precision,
                 tower,
                 batch,
                 tokens,
-                iters,
+                len(ms),
                 **stats,
-                items_per_s=batch / (stats["mean_ms"] * 1e-3),
+                items_per_s=items_per_s,
+                throughput_calls=pipe_calls,
+                throughput_method=method,
                 gflop_per_item=gflop,
                 tflops=tflops,
                 frac_peak=tflops / peak if peak else None,
                 peak_mem_mib=mem,
                 mem_kind=kind,
+                others_cpu_share=(w or {}).get("others_cpu_share"),
+                unsteady=is_unsteady(stats, len(ms)),
             )
             rows.append(row)
             if on_row:
                 on_row(row)
             del pool
     return rows
+
+
+@contextmanager
+def _no_window() -> Iterator[None]:
+    yield None
 
 
 def prime(
@@ -354,3 +432,278 @@ def default_workers() -> int:
 
 def ceil_to(n: int, k: int) -> int:
     return int(math.ceil(n / k) * k)
+
+
+# ------------------------------------------------------------------------------------------- machine load while timing
+
+
+@dataclass
+class CpuReading:
+    """Cumulative CPU counters at one moment (clock ticks, summed over every CPU of the machine)."""
+
+    t: float  # time.monotonic()
+    busy: int  # user + nice + system + irq + softirq: work done by every process (this one included)
+    total: int  # busy + idle + iowait + steal
+    steal: int  # time the hypervisor gave our virtual CPUs to someone else
+    ours: int  # this process: utime + stime (+ waited-for children)
+    loadavg1: float | None
+
+
+def read_cpu() -> CpuReading | None:
+    """The counters from /proc/stat, /proc/self/stat and /proc/loadavg; None where /proc is absent (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            stat = f.read()
+        with open("/proc/loadavg") as f:
+            load1 = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    # the command name (field 2) may hold spaces: fields after its closing parenthesis are fixed
+    rest = stat[stat.rindex(")") + 2 :].split()
+    ours = sum(int(v) for v in rest[11:15])  # utime, stime, cutime, cstime (fields 14-17)
+    busy = user + nice + system + irq + softirq
+    return CpuReading(time.monotonic(), busy, busy + idle + iowait + steal, steal, ours, load1)
+
+
+def gpu_uuid(device: torch.device) -> str | None:
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+    except Exception:  # noqa: BLE001 - older torch or no CUDA: match every GPU
+        return None
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+def read_gpu(uuid: str | None = None) -> dict | None:
+    """Utilisation of our GPU and the compute processes on it other than this one, from nvidia-smi (None without)."""
+    def query(what: str) -> list[list[str]]:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-{what}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10,
+        )
+        if out.returncode != 0:
+            raise OSError(out.stderr.strip())
+        return [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
+
+    try:
+        gpus = query("gpu=uuid,utilization.gpu,memory.used")
+        apps = query("compute-apps=gpu_uuid,pid,used_memory")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    mine = [g for g in gpus if uuid is None or g[0] == uuid] or gpus[:1]
+    util = _float(mine[0][1]) if mine else None
+    others = [
+        {"pid": int(a[1]), "used_mib": _float(a[2])}
+        for a in apps
+        if len(a) >= 3 and a[1].isdigit() and int(a[1]) != os.getpid() and (uuid is None or a[0] == uuid)
+    ]
+    return {"util_pct": util, "others": others}
+
+
+def _float(v: str) -> float | None:
+    try:
+        return float(v)
+    except ValueError:  # "[N/A]"
+        return None
+
+
+@dataclass
+class _Acc:
+    ticks: int = 0
+    others: int = 0
+    steal: int = 0
+    ours: int = 0
+    seconds: float = 0.0
+    n: int = 0
+    max_share: float = 0.0
+
+    def add(self, a: CpuReading, b: CpuReading) -> dict:
+        total = b.total - a.total
+        others = max(0, (b.busy - a.busy) - (b.ours - a.ours))
+        steal = b.steal - a.steal
+        self.ticks += total
+        self.others += others
+        self.steal += steal
+        self.ours += b.ours - a.ours
+        self.seconds += b.t - a.t
+        self.n += 1
+        share = others / total if total > 0 else None
+        if share is not None:
+            self.max_share = max(self.max_share, share)
+        return {"others_cpu_share": share, "steal_share": steal / total if total > 0 else None}
+
+    def shares(self) -> dict:
+        if self.ticks <= 0:
+            return {"others_cpu_share": None, "steal_share": None, "ours_cpu_share": None}
+        return {
+            "others_cpu_share": self.others / self.ticks,
+            "steal_share": self.steal / self.ticks,
+            "ours_cpu_share": self.ours / self.ticks,
+        }
+
+
+class LoadMonitor:
+    """What else ran on the machine while we measured.
+
+    Readings are taken at the start and end of every timed point (:meth:`window`): the CPU time of other processes
+    (all CPU time on the machine minus this process's) and the steal time, as shares of the machine's CPU capacity
+    over the timed windows. A background thread also samples every ``interval`` seconds for the whole run (load
+    average, peaks) and, on GPU, every ``gpu_interval`` seconds nvidia-smi's utilisation and other compute processes.
+    ``reader`` / ``gpu_reader`` are injectable (tests feed synthetic readings).
+    """
+
+    def __init__(
+        self,
+        reader: Callable[[], CpuReading | None] = read_cpu,
+        gpu_reader: Callable[[], dict | None] | None = None,
+        interval: float = 1.0,
+        gpu_interval: float = 5.0,
+        cpu_count: int | None = None,
+    ) -> None:
+        self.reader, self.gpu_reader = reader, gpu_reader
+        self.interval, self.gpu_interval = interval, gpu_interval
+        self.cpu_count = cpu_count or os.cpu_count() or 1
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._timed = _Acc()
+        self._run = _Acc()
+        self._loadavg: list[float] = []
+        self._gpu_util: list[float] = []
+        self._gpu_others: dict[int, float] = {}
+        self._gpu_samples = 0
+        self._readable = True
+
+    def _read(self) -> CpuReading | None:
+        r = self.reader()
+        if r is None:
+            self._readable = False
+        elif r.loadavg1 is not None:
+            with self._lock:
+                self._loadavg.append(r.loadavg1)
+        return r
+
+    def start(self) -> "LoadMonitor":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="priorclip-bench-load", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+            self._thread = None
+
+    def _loop(self) -> None:
+        last = self._read()
+        next_gpu = 0.0
+        while not self._stop.wait(self.interval):
+            now = self._read()
+            if last is not None and now is not None:
+                with self._lock:
+                    self._run.add(last, now)
+            last = now
+            if self.gpu_reader is not None and time.monotonic() >= next_gpu:
+                next_gpu = time.monotonic() + self.gpu_interval
+                self._sample_gpu()
+
+    def _sample_gpu(self) -> None:
+        g = self.gpu_reader() if self.gpu_reader else None
+        if g is None:
+            return
+        with self._lock:
+            self._gpu_samples += 1
+            if g.get("util_pct") is not None:
+                self._gpu_util.append(g["util_pct"])
+            for o in g.get("others", []):
+                self._gpu_others[o["pid"]] = max(self._gpu_others.get(o["pid"], 0.0), o.get("used_mib") or 0.0)
+
+    @contextmanager
+    def window(self) -> Iterator[dict]:
+        """Readings around one timed point; the yielded dict gets the point's shares when the block ends."""
+        result: dict = {}
+        a = self._read()
+        if self.gpu_reader is not None and self._gpu_samples == 0:
+            self._sample_gpu()  # at least one GPU reading while timing, however short the run
+        try:
+            yield result
+        finally:
+            b = self._read()
+            if a is not None and b is not None:
+                with self._lock:
+                    result.update(self._timed.add(a, b))
+
+    def summary(self) -> dict:
+        """The load record of the report (shares are of the whole machine's CPU capacity)."""
+        with self._lock:
+            timed, run = self._timed.shares(), self._run.shares()
+            out = {
+                "measured": self._readable and (self._timed.n > 0 or self._run.n > 0),
+                "cpu_count": self.cpu_count,
+                "timed_points": self._timed.n,
+                "timed_seconds": round(self._timed.seconds, 3),
+                "others_cpu_share": timed["others_cpu_share"],
+                "steal_share": timed["steal_share"],
+                "ours_cpu_share": timed["ours_cpu_share"],
+                "run_samples": self._run.n,
+                "run_interval_s": self.interval,
+                "run_others_cpu_share": run["others_cpu_share"],
+                "run_others_cpu_share_max": self._run.max_share if self._run.n else None,
+                "loadavg1_mean": float(np.mean(self._loadavg)) if self._loadavg else None,
+                "loadavg1_max": max(self._loadavg) if self._loadavg else None,
+                "gpu": None
+                if self.gpu_reader is None
+                else {
+                    "samples": self._gpu_samples,
+                    "util_pct_mean": float(np.mean(self._gpu_util)) if self._gpu_util else None,
+                    "util_pct_max": max(self._gpu_util) if self._gpu_util else None,
+                    "other_processes": [{"pid": p, "used_mib_max": m} for p, m in sorted(self._gpu_others.items())],
+                },
+            }
+        return out
+
+
+def assess_reliability(load: dict, timings: Sequence[dict]) -> dict:
+    """``{"reliable", "warnings", "thresholds", "unsteady_points"}`` from the load record and the timing rows."""
+    warnings = []
+    if not load.get("measured"):
+        warnings.append("the machine's load could not be read here (no /proc): nothing shows the timings are "
+                        "undisturbed")
+    others, steal = load.get("others_cpu_share"), load.get("steal_share")
+    cores = load.get("cpu_count") or 1
+    if others is not None and others > OTHERS_CPU_SHARE_MAX:
+        la = load.get("loadavg1_max")
+        warnings.append(
+            f"other processes used {100 * others:.0f} % of this machine's CPU ({others * cores:.1f} of {cores} cores) "
+            f"while engines were timed (threshold {100 * OTHERS_CPU_SHARE_MAX:.0f} %)"
+            + (f"; load average up to {la:.1f}" if la is not None else "")
+            + ": throughput and latency here may be far below what this machine does idle"
+        )
+    if steal is not None and steal > STEAL_SHARE_MAX:
+        warnings.append(f"the hypervisor took {100 * steal:.0f} % of the CPU time (steal) while engines were timed "
+                        f"(threshold {100 * STEAL_SHARE_MAX:.0f} %)")
+    gpu = load.get("gpu") or {}
+    if gpu.get("other_processes"):
+        procs = ", ".join(f"pid {p['pid']} ({p['used_mib_max']:.0f} MiB)" for p in gpu["other_processes"][:5])
+        warnings.append(f"other processes ran on the GPU during the run: {procs}")
+    unsteady = [f"{t['backend']}/{t['precision']} {t['tower']} b{t['batch']}" for t in timings if t.get("unsteady")]
+    if unsteady:
+        warnings.append(
+            f"{len(unsteady)} of {len(timings)} timing points spread widely (CV > {CV_MAX} or p90/p50 > "
+            f"{P90_P50_MAX}): " + ", ".join(unsteady[:6]) + (" ..." if len(unsteady) > 6 else "")
+        )
+    return {
+        "reliable": not warnings,
+        "warnings": warnings,
+        "unsteady_points": unsteady,
+        "thresholds": {
+            "others_cpu_share": OTHERS_CPU_SHARE_MAX,
+            "steal_share": STEAL_SHARE_MAX,
+            "cv": CV_MAX,
+            "p90_p50": P90_P50_MAX,
+            "min_samples_for_spread": MIN_SAMPLES_FOR_SPREAD,
+        },
+    }

@@ -1,6 +1,14 @@
 """Benchmark reports: the environment record, JSON (machine), Markdown and console tables (human), a PNG plot.
 
-The JSON schema (``SCHEMA`` = "priorclip-bench/1") is checked by :func:`validate_report`, which the tests use.
+Every report opens with one summary table (engine, precision, throughput at the largest batch, speed-up against fp32
+eager and ``torch.compile``, batch-1 latency, ΔmR, cosine, rank flips, PASS/FAIL) and the fastest engine that passes;
+a failing engine (parity outside tolerance, or a build/run failure) is marked FAIL in every table and in the plot.
+Warnings about the machine's load and the timing spread follow the summary.
+
+The JSON schema (``SCHEMA`` = "priorclip-bench/2") is checked by :func:`validate_report`, which the tests use.
+Version 2 (issue 12): request latency apart from pipelined throughput (``items_per_s`` is now the pipelined rate;
+``p90_ms`` / ``p99_ms`` are null below 10 / 100 samples), ``summary``, ``load``, ``reliability``, ``calibration``,
+per-engine ``verdict``, recall rows with ``rank_flips``, ``dmr_judged`` and ``notes``, the recall set's class coverage.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from typing import Any
 
 import torch
 
-SCHEMA = "priorclip-bench/1"
+from priorclip.provenance import git_revision
+
+SCHEMA = "priorclip-bench/2"
 
 # Stock-module stand-ins of the same towers, measured on one H100 (issue 5): timm ViT-B/32 + torchvision ResNet-50 for
 # images, a 77-token CLIP text transformer for captions, batch 256. Printed beside our own H100 numbers.
@@ -48,22 +58,28 @@ H100_REFERENCE_POINTS = [
 # key -> (type or tuple of types); None values are allowed where the tuple includes type(None)
 _NUM = (int, float)
 _OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+_OPT_DICT = (dict, type(None))
 TOP_KEYS = {
     "schema": str,
     "environment": dict,
     "config": dict,
     "model": dict,
     "peak_tflops": dict,
+    "summary": dict,
+    "reliability": dict,
+    "load": dict,
     "engines": list,
     "timings": list,
     "e2e": list,
-    "recall": (dict, type(None)),
+    "recall": _OPT_DICT,
+    "calibration": _OPT_DICT,
     "reference_points": list,
 }
 ENV_KEYS = {
     "date_utc": str,
     "command": str,
-    "git_revision": (str, type(None)),
+    "git_revision": _OPT_STR,
     "host": str,
     "platform": str,
     "python": str,
@@ -71,16 +87,17 @@ ENV_KEYS = {
     "device_name": str,
     "cpu_threads": int,
     "versions": dict,
-    "cuda": (str, type(None)),
-    "driver": (str, type(None)),
+    "cuda": _OPT_STR,
+    "driver": _OPT_STR,
 }
 ENGINE_KEYS = {
     "backend": str,
     "precision": str,
-    "status": str,
-    "reason": (str, type(None)),
+    "status": str,  # ok | failed | unavailable | unsupported | skipped
+    "verdict": _OPT_STR,  # PASS | FAIL | unchecked (no recall check) | None (not run)
+    "reason": _OPT_STR,
     "setup_s": _OPT_NUM,
-    "metadata": (dict, type(None)),
+    "metadata": _OPT_DICT,
 }
 TIMING_KEYS = {
     "backend": str,
@@ -90,15 +107,20 @@ TIMING_KEYS = {
     "tokens": (int, type(None)),
     "iters": int,
     "p50_ms": _NUM,
-    "p90_ms": _NUM,
-    "p99_ms": _NUM,
+    "p90_ms": _OPT_NUM,
+    "p99_ms": _OPT_NUM,
     "mean_ms": _NUM,
+    "cv": _NUM,
     "items_per_s": _NUM,
+    "throughput_calls": int,
+    "throughput_method": str,
     "gflop_per_item": _NUM,
     "tflops": _NUM,
     "frac_peak": _OPT_NUM,
     "peak_mem_mib": _OPT_NUM,
     "mem_kind": str,
+    "others_cpu_share": _OPT_NUM,
+    "unsteady": bool,
 }
 E2E_KEYS = {
     "backend": str,
@@ -110,10 +132,27 @@ E2E_KEYS = {
     "images_per_s": _NUM,
     "decode_only_images_per_s": _NUM,
 }
-RECALL_KEYS = {"dataset": dict, "reference": dict, "engines": list, "tolerances": dict}
+RECALL_KEYS = {
+    "dataset": dict,
+    "reference": dict,
+    "engines": list,
+    "tolerances": dict,
+    "dmr_note": _OPT_STR,
+}
+DATASET_KEYS = {
+    "name": str,
+    "generated": bool,
+    "chosen_by": str,
+    "n_images": int,
+    "n_captions": int,
+    "n_classes": int,
+    "coverage": str,
+}
 RECALL_ROW_KEYS = {
     "engine": str,
     "precision": str,
+    "source": str,
+    "n_images": int,
     "metrics": dict,
     "delta": dict,
     "cosine_image_min": _NUM,
@@ -122,10 +161,47 @@ RECALL_ROW_KEYS = {
     "cosine_text_mean": _NUM,
     "top10_agreement_i2t": _NUM,
     "top10_agreement_t2i": _NUM,
+    "rank_flips": _OPT_DICT,
     "finite": bool,
     "tolerance": dict,
+    "dmr_judged": bool,
     "failures": list,
+    "notes": list,
     "within_tolerance": bool,
+}
+SUMMARY_KEYS = {
+    "rows": list,
+    "largest_batch": int,
+    "fastest_passing": _OPT_DICT,
+    "fastest_line": str,
+    "failing": list,
+    "notes": list,
+}
+SUMMARY_ROW_KEYS = {
+    "engine": str,
+    "backend": str,
+    "precision": str,
+    "status": str,
+    "verdict": str,
+    "why": _OPT_STR,
+    "items_per_s": dict,
+    "speedup_eager": dict,
+    "speedup_compile": dict,
+    "latency": dict,
+    "dmr": _OPT_NUM,
+    "dmr_judged": (bool, type(None)),
+    "cosine_min": _OPT_DICT,
+    "rank_flips": _OPT_DICT,
+}
+RELIABILITY_KEYS = {"reliable": bool, "warnings": list, "unsteady_points": list, "thresholds": dict}
+LOAD_KEYS = {
+    "measured": bool,
+    "cpu_count": int,
+    "timed_points": int,
+    "others_cpu_share": _OPT_NUM,
+    "steal_share": _OPT_NUM,
+    "loadavg1_max": _OPT_NUM,
+    "gpu": _OPT_DICT,
 }
 
 
@@ -151,6 +227,11 @@ def validate_report(doc: dict) -> list[str]:
     if doc["schema"] != SCHEMA:
         errs.append(f"report.schema is {doc['schema']!r}, expected {SCHEMA!r}")
     errs += _check(doc["environment"], ENV_KEYS, "environment")
+    errs += _check(doc["summary"], SUMMARY_KEYS, "summary")
+    for i, r in enumerate(doc["summary"].get("rows", [])):
+        errs += _check(r, SUMMARY_ROW_KEYS, f"summary.rows[{i}]")
+    errs += _check(doc["reliability"], RELIABILITY_KEYS, "reliability")
+    errs += _check(doc["load"], LOAD_KEYS, "load")
     for i, e in enumerate(doc["engines"]):
         errs += _check(e, ENGINE_KEYS, f"engines[{i}]")
     for i, t in enumerate(doc["timings"]):
@@ -159,9 +240,165 @@ def validate_report(doc: dict) -> list[str]:
         errs += _check(t, E2E_KEYS, f"e2e[{i}]")
     if doc["recall"] is not None:
         errs += _check(doc["recall"], RECALL_KEYS, "recall")
+        errs += _check(doc["recall"].get("dataset"), DATASET_KEYS, "recall.dataset")
         for i, r in enumerate(doc["recall"].get("engines", [])):
             errs += _check(r, RECALL_ROW_KEYS, f"recall.engines[{i}]")
+    if doc["calibration"] is not None:
+        errs += _check(doc["calibration"], {"name": str, "generated": bool, "coverage": str}, "calibration")
     return errs
+
+
+# ------------------------------------------------------------------------------------------------ verdicts, summary
+
+
+def _name(backend: str, precision: str) -> str:
+    return f"{backend}/{precision}"
+
+
+def finalize(doc: dict) -> dict:
+    """Add each engine's verdict, the summary and the reliability assessment to an assembled report."""
+    from priorclip.benchmarks.harness import assess_reliability
+
+    recall = {r["engine"]: r for r in (doc["recall"] or {}).get("engines", [])}
+    for e in doc["engines"]:
+        name = _name(e["backend"], e["precision"])
+        if e["status"] == "failed" or (name in recall and not recall[name]["within_tolerance"]):
+            e["verdict"] = "FAIL"
+        elif e["status"] != "ok":
+            e["verdict"] = None
+        elif name in recall:
+            e["verdict"] = "PASS"
+        else:
+            e["verdict"] = "unchecked"
+    doc["summary"] = build_summary(doc)
+    doc["reliability"] = assess_reliability(doc["load"], doc["timings"])
+    return doc
+
+
+def failing(doc: dict) -> list[str]:
+    """Names of the engines that fail (parity outside tolerance, or failed to build/run)."""
+    return [_name(e["backend"], e["precision"]) for e in doc["engines"] if e.get("verdict") == "FAIL"]
+
+
+def labels(doc: dict) -> dict[str, str]:
+    """Engine name -> its label in tables and plots: failing engines carry "[FAIL]" wherever they appear."""
+    return {n: f"{n} [FAIL]" for n in failing(doc)}
+
+
+def _label(doc: dict, backend: str, precision: str) -> str:
+    n = _name(backend, precision)
+    return labels(doc).get(n, n)
+
+
+def build_summary(doc: dict) -> dict:
+    """The rows of the summary table, the fastest engine that passes and the notes under the table."""
+    cfg = doc["config"]
+    big = max(cfg["batch_sizes"])
+    small = min(cfg["batch_sizes"])
+    towers = list(cfg["towers"])
+    t = {(r["backend"], r["precision"], r["tower"], r["batch"]): r for r in doc["timings"]}
+    recall = {r["engine"]: r for r in (doc["recall"] or {}).get("engines", [])}
+    ran = {(r["backend"], r["precision"]) for r in doc["timings"]}
+
+    def rate(b, p, tower, batch=big):
+        r = t.get((b, p, tower, batch))
+        return r["items_per_s"] if r else None
+
+    def p50(b, p, tower, batch):
+        r = t.get((b, p, tower, batch))
+        return r["p50_ms"] if r else None
+
+    def speedup(b, p, base):
+        if base is None:
+            return {"against": None, "image": None, "text": None}
+        out = {"against": _name(*base)}
+        for tower in ("image", "text"):
+            mine, theirs = rate(b, p, tower), rate(*base, tower)
+            out[tower] = mine / theirs if mine and theirs else None
+        return out
+
+    eager = ("torch", "fp32") if ("torch", "fp32") in ran else None
+
+    def compile_base(p):
+        for cand in (p, "fp32", *sorted({q for b, q in ran if b == "torch-compile"})):
+            if ("torch-compile", cand) in ran:
+                return ("torch-compile", cand)
+        return None
+
+    rows = []
+    for e in doc["engines"]:
+        if e["status"] not in ("ok", "failed"):
+            continue
+        b, p = e["backend"], e["precision"]
+        name = _name(b, p)
+        rec = recall.get(name)
+        why = e["reason"] if e["status"] == "failed" else None
+        if why is None and rec and rec["failures"]:
+            why = "; ".join(rec["failures"])
+        rows.append(
+            {
+                "engine": name,
+                "backend": b,
+                "precision": p,
+                "status": e["status"],
+                "verdict": e.get("verdict") or "unchecked",
+                "why": why,
+                "items_per_s": {tw: rate(b, p, tw) for tw in ("image", "text")},
+                "speedup_eager": speedup(b, p, eager),
+                "speedup_compile": speedup(b, p, compile_base(p)),
+                "latency": {"batch": small, **{tw: p50(b, p, tw, small) for tw in ("image", "text")}},
+                "dmr": rec["delta"]["mR"] if rec else None,
+                "dmr_judged": rec["dmr_judged"] if rec else None,
+                "cosine_min": {"image": rec["cosine_image_min"], "text": rec["cosine_text_min"]} if rec else None,
+                "rank_flips": rec["rank_flips"] if rec else None,
+            }
+        )
+    lead = "image" if "image" in towers else "text"
+    unit = "images/s" if lead == "image" else "captions/s"
+    cands = [r for r in rows if r["verdict"] == "PASS" and r["items_per_s"][lead]]
+    fastest = max(cands, key=lambda r: r["items_per_s"][lead]) if cands else None
+    if fastest:
+        sp = fastest["speedup_eager"][lead]
+        line = (
+            f"fastest engine that passes: {fastest['engine']} — {fastest['items_per_s'][lead]:,.1f} {unit} at batch "
+            f"{big}" + (f" ({sp:.2f}x fp32 eager)" if sp else "")
+        )
+    elif doc["recall"] is None:
+        unchecked = [r for r in rows if r["items_per_s"][lead]]
+        top = max(unchecked, key=lambda r: r["items_per_s"][lead]) if unchecked else None
+        line = "no parity check ran (--no-recall), so no engine passes" + (
+            f"; fastest engine (unchecked): {top['engine']} — {top['items_per_s'][lead]:,.1f} {unit}" if top else ""
+        )
+    else:
+        line = "no engine passes its tolerance"
+    notes = []
+    if eager is None:
+        notes.append("speed-up against fp32 eager: torch/fp32 was not run")
+    comp = sorted({q for b, q in ran if b == "torch-compile"})
+    if not comp:
+        notes.append(
+            "speed-up against torch.compile: not run here"
+            + (" (on CPU it compiles for minutes: add it with --backends ...,torch-compile)"
+               if doc["environment"]["device"] == "cpu" else "")
+        )
+    else:
+        other = [r["engine"] for r in rows if r["speedup_compile"]["against"]
+                 and r["speedup_compile"]["against"] != _name("torch-compile", r["precision"])]
+        if other:
+            notes.append(f"torch.compile at the same precision was not run for {', '.join(other)}: their speed-up is "
+                         "against the compiled precision named in the cell")
+    return {
+        "rows": rows,
+        "largest_batch": big,
+        "latency_batch": small,
+        "lead_tower": lead,
+        "fastest_passing": None
+        if fastest is None
+        else {"engine": fastest["engine"], "tower": lead, "batch": big, "items_per_s": fastest["items_per_s"][lead]},
+        "fastest_line": line,
+        "failing": [r["engine"] for r in rows if r["verdict"] == "FAIL"],
+        "notes": notes,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -172,26 +409,6 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def git_revision(repo: Path | None = None) -> str | None:
-    """``git rev-parse HEAD`` (+dirty) of the source tree, else ``$PRIORCLIP_GIT_REVISION`` (for copies without .git)."""
-    repo = repo or Path(__file__).resolve().parents[1]
-    env = os.environ.get("PRIORCLIP_GIT_REVISION") or None
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return env
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return env
 
 
 def _driver() -> str | None:
@@ -268,35 +485,117 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
-TIMING_COLUMNS = [
-    ("engine", None),
-    ("tower", None),
-    ("batch", None),
-    ("tokens", None),
-    ("p50 ms", "p50_ms"),
-    ("p90 ms", "p90_ms"),
-    ("p99 ms", "p99_ms"),
-    ("items/s", "items_per_s"),
-    ("TFLOP/s", "tflops"),
-    ("% peak", "frac_peak"),
-    ("peak mem MiB", "peak_mem_mib"),
-]
+def _speedup_cell(s: dict, precision: str, towers: list[str]) -> str:
+    if not s.get("against"):
+        return "—"
+    cell = " / ".join(f"{s[t]:.2f}x" if s.get(t) else "—" for t in ("image", "text") if t in towers)
+    base_prec = s["against"].split("/", 1)[1]
+    if s["against"].startswith("torch-compile") and base_prec != precision:
+        cell += f" (vs {base_prec})"
+    return cell
 
 
-def _timing_cells(t: dict) -> list[str]:
-    return [
-        f"{t['backend']}/{t['precision']}",
-        t["tower"],
-        str(t["batch"]),
-        _fmt(t["tokens"]),
-        _fmt(t["p50_ms"]),
-        _fmt(t["p90_ms"]),
-        _fmt(t["p99_ms"]),
-        _fmt(t["items_per_s"], 1),
-        _fmt(t["tflops"], 3),
-        _fmt(None if t["frac_peak"] is None else 100 * t["frac_peak"], 1),
-        _fmt(t["peak_mem_mib"], 0),
+def summary_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """The opening table: one row per engine that was built (or failed to build)."""
+    sm = doc["summary"]
+    towers = list(doc["config"]["towers"])
+    both = len(towers) == 2
+    tw = "img/txt" if both else ("img" if towers == ["image"] else "txt")
+    b1 = sm.get("latency_batch", 1)
+    head = ["engine", "precision"]
+    if "image" in towers:
+        head.append(f"img/s @{sm['largest_batch']}")
+    if "text" in towers:
+        head.append(f"txt/s @{sm['largest_batch']}")
+    head += [f"vs fp32 eager ({tw})", f"vs torch.compile ({tw})", f"b{b1} latency ms ({tw})", "ΔmR",
+             "cos min (img/txt)", "rank flips", "verdict"]
+    tf32 = doc["config"].get("tf32")
+    rows = []
+    from priorclip.benchmarks.recall import fmt_flips
+
+    for r in sm["rows"]:
+        # TF32 is torch's switch: only the torch-run engines' fp32 changes with it
+        torch_run = r["backend"] in ("torch", "torch-compile", "aoti")
+        prec = r["precision"] + ("+TF32" if tf32 and torch_run and r["precision"] == "fp32" else "")
+        cells = [r["backend"], prec]
+        for t in towers:
+            cells.append(_fmt(r["items_per_s"][t], 1))
+        lat = " / ".join(_fmt(r["latency"][t], 2) for t in towers)
+        cos = r["cosine_min"]
+        dmr = "—" if r["dmr"] is None else (f"{r['dmr']:+.2f}" if r["dmr_judged"] else f"({r['dmr']:+.2f})")
+        cells += [
+            _speedup_cell(r["speedup_eager"], r["precision"], towers),
+            _speedup_cell(r["speedup_compile"], r["precision"], towers),
+            lat if r["status"] == "ok" else "—",
+            dmr,
+            "—" if cos is None else f"{cos['image']:.6f} / {cos['text']:.6f}",
+            "—" if r["dmr"] is None else fmt_flips(r["rank_flips"]),
+            r["verdict"],
+        ]
+        rows.append(cells)
+    return head, rows
+
+
+def _summary_notes(doc: dict) -> list[str]:
+    """Lines under the summary table: the fastest passing engine, why each FAIL failed, the parity set, notes."""
+    sm = doc["summary"]
+    out = [sm["fastest_line"]]
+    for r in sm["rows"]:
+        if r["verdict"] == "FAIL":
+            out.append(f"FAIL {r['engine']}: {r['why'] or 'outside tolerance'}")
+    rec = doc["recall"]
+    if rec:
+        out.append("parity set: " + _dataset_line(rec["dataset"]))
+        if rec.get("dmr_note"):
+            out.append(rec["dmr_note"])
+    out += sm["notes"]
+    return out
+
+
+LATENCY_HEAD = ["engine", "tower", "batch", "tokens", "calls", "p50 ms", "p90 ms", "p99 ms", "mean ms", "CV",
+                "others' CPU %"]
+THROUGHPUT_HEAD = ["engine", "tower", "batch", "tokens", "items/s", "TFLOP/s", "% peak", "peak mem MiB"]
+
+
+def latency_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    rows = []
+    for t in doc["timings"]:
+        share = t.get("others_cpu_share")
+        rows.append([
+            _label(doc, t["backend"], t["precision"]),
+            t["tower"],
+            str(t["batch"]),
+            _fmt(t["tokens"]),
+            str(t["iters"]),
+            _fmt(t["p50_ms"]),
+            _fmt(t["p90_ms"]),
+            _fmt(t["p99_ms"]),
+            _fmt(t["mean_ms"]),
+            f"{t['cv']:.2f}" + (" !" if t.get("unsteady") else ""),
+            "—" if share is None else f"{100 * share:.0f}",
+        ])
+    return LATENCY_HEAD, rows
+
+
+def throughput_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [
+        [
+            _label(doc, t["backend"], t["precision"]),
+            t["tower"],
+            str(t["batch"]),
+            _fmt(t["tokens"]),
+            _fmt(t["items_per_s"], 1),
+            _fmt(t["tflops"], 3),
+            _fmt(None if t["frac_peak"] is None else 100 * t["frac_peak"], 1),
+            _fmt(t["peak_mem_mib"], 0),
+        ]
+        for t in doc["timings"]
     ]
+    return THROUGHPUT_HEAD, rows
+
+
+def timing_rows(doc: dict) -> tuple[list[str], list[list[str]]]:  # kept for callers of schema 1
+    return throughput_rows(doc)
 
 
 def _md_table(head: list[str], rows: list[list[str]], right_from: int = 1) -> str:
@@ -312,15 +611,11 @@ def console_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def timing_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
-    return [c for c, _ in TIMING_COLUMNS], [_timing_cells(t) for t in doc["timings"]]
-
-
 def e2e_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     head = ["engine", "batch", "images", "workers", "JPEG→embedding img/s", "decode+transform only img/s"]
     rows = [
         [
-            f"{e['backend']}/{e['precision']}",
+            _label(doc, e["backend"], e["precision"]),
             str(e["batch"]),
             str(e["n_images"]),
             str(e["workers"]),
@@ -333,40 +628,88 @@ def e2e_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def engine_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["engine", "status", "setup s", "notes"]
+    head = ["engine", "status", "verdict", "setup s", "notes"]
     rows = []
     for e in doc["engines"]:
         meta = e.get("metadata") or {}
         notes = e["reason"] or ", ".join(
             f"{k}={v}"
             for k, v in meta.items()
-            if k in ("compile_mode", "cuda_graphs", "provider", "fixed_text_length", "autocast", "format")
+            if k in ("compile_mode", "cuda_graphs", "provider", "fixed_text_length", "autocast", "format", "tf32")
         )
-        rows.append([f"{e['backend']}/{e['precision']}", e["status"], _fmt(e["setup_s"], 1), notes])
+        rows.append([_label(doc, e["backend"], e["precision"]), e["status"], e.get("verdict") or "—",
+                     _fmt(e["setup_s"], 1), notes])
     return head, rows
 
 
-def render_console(doc: dict) -> str:
-    parts = [
-        f"priorclip-bench  {doc['config']['model']}  on {doc['environment']['device_name']} "
-        f"({doc['environment']['device']})  peak "
-        + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in doc["peak_tflops"].items())
+def load_lines(doc: dict) -> list[str]:
+    """The machine's load during the run, in words."""
+    ld = doc["load"]
+    if not ld.get("measured"):
+        return ["machine load: not measured (no /proc here)"]
+    pct = lambda v: "—" if v is None else f"{100 * v:.0f} %"  # noqa: E731
+    out = [
+        f"while timing ({ld['timed_points']} points, {ld.get('timed_seconds', 0):.0f} s): other processes used "
+        f"{pct(ld['others_cpu_share'])} of the machine's CPU ({ld['cpu_count']} cores), this process "
+        f"{pct(ld.get('ours_cpu_share'))}, steal {pct(ld['steal_share'])}",
+        f"whole run ({ld.get('run_samples', 0)} samples every {ld.get('run_interval_s', 1):g} s): others "
+        f"{pct(ld.get('run_others_cpu_share'))} on average, {pct(ld.get('run_others_cpu_share_max'))} at most; "
+        f"1-min load average {_fmt(ld.get('loadavg1_mean'))} mean, {_fmt(ld.get('loadavg1_max'))} max",
     ]
+    g = ld.get("gpu")
+    if g is not None:
+        procs = ", ".join(f"pid {p['pid']}" for p in g["other_processes"]) or "none seen"
+        out.append(f"GPU ({g['samples']} nvidia-smi samples): utilisation {_fmt(g['util_pct_mean'], 0)} % mean, "
+                   f"{_fmt(g['util_pct_max'], 0)} % max; other compute processes: {procs}")
+    return out
+
+
+def warning_lines(doc: dict) -> list[str]:
+    rel = doc["reliability"]
+    if rel["reliable"]:
+        return []
+    return ["WARNING: timings may be unreliable: " + w for w in rel["warnings"]]
+
+
+def render_console(doc: dict) -> str:
+    env = doc["environment"]
+    parts = [
+        f"priorclip-bench  {doc['config']['model']}  on {env['device_name']} ({env['device']})  "
+        f"{env['date_utc']}\n\n"
+        + console_table(*summary_rows(doc))
+        + "\n"
+        + "\n".join(_summary_notes(doc))
+    ]
+    warn = warning_lines(doc)
+    if warn:
+        parts.append("\n".join(warn))
     parts.append(console_table(*engine_rows(doc)))
     if doc["timings"]:
-        parts.append(console_table(*timing_rows(doc)))
+        parts.append("request latency (synchronised calls)\n" + console_table(*latency_rows(doc)))
+        parts.append("pipelined throughput (back-to-back calls)\n" + console_table(*throughput_rows(doc)))
     if doc["e2e"]:
         parts.append(console_table(*e2e_rows(doc)))
     if doc["recall"]:
         from priorclip.benchmarks.recall import recall_table
 
         parts.append("recall check on " + _dataset_line(doc["recall"]["dataset"]))
-        parts.append(recall_table(doc["recall"]["reference"], doc["recall"]["engines"]))
+        parts.append(recall_table(doc["recall"]["reference"], doc["recall"]["engines"], labels(doc)))
+    parts.append("machine load: " + "; ".join(load_lines(doc)) + ("" if warn else " — timings look undisturbed"))
+    parts.append(
+        "peak " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in doc["peak_tflops"].items())
+    )
     return "\n\n".join(parts)
 
 
 def _dataset_line(d: dict) -> str:
-    return f"{d.get('name', '?')} ({d.get('n_images', '?')} images, {d.get('n_captions', '?')} captions)"
+    line = f"{d.get('name', '?')}: {d.get('coverage') or str(d.get('n_images', '?')) + ' images'}, " \
+           f"{d.get('n_captions', '?')} captions"
+    if d.get("generated"):
+        line += (" — GENERATED scenes, not real data (" + d.get("chosen_by", "") + "): parity on it shows the "
+                 "engine computes the same function, not how it ranks real images")
+    elif d.get("split"):
+        line += f" (split {d['split']}; {d.get('chosen_by', '')})"
+    return line
 
 
 def render_markdown(doc: dict, plot_name: str | None = None) -> str:
@@ -375,10 +718,27 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
     lines = [
         f"# priorclip-bench: {cfg['model']} on {env['device_name']}",
         "",
+        _md_table(*summary_rows(doc), right_from=2),
+    ]
+    lines += [f"- {n}" for n in _summary_notes(doc)]
+    warn = warning_lines(doc)
+    if warn:
+        lines += ["", "> **WARNING — timings may be unreliable.**"]
+        lines += [f"> - {w.removeprefix('WARNING: timings may be unreliable: ')}" for w in warn]
+    lines += [
+        "",
+        "Speed-ups are pipelined throughput at the largest batch against torch/fp32 (eager) and against "
+        "torch-compile at the same precision where it ran; latency is the p50 request latency at the smallest "
+        "batch; ΔmR in percentage points; rank flips = images whose belief order differs from the reference's; "
+        "verdict against the precision's tolerance (`priorclip/parity.py`).",
+        "",
+        "## Run",
+        "",
         f"- date (UTC): {env['date_utc']}; git revision: {env['git_revision'] or 'unknown'}",
         f"- command: `{env['command']}`",
         f"- device: {env['device']} — {env['device_name']}; CPU: {env.get('cpu')} ({env.get('cpu_count')} cores, "
-        f"{env['cpu_threads']} torch threads); CUDA {env['cuda'] or '—'}; driver {env['driver'] or '—'}",
+        f"{env['cpu_threads']} torch threads); CUDA {env['cuda'] or '—'}; driver {env['driver'] or '—'}"
+        + ("" if cfg.get("tf32") is None else f"; TF32 in fp32 engines: {'on' if cfg['tf32'] else 'off'}"),
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- weights: {cfg['weights']}; batch sizes {cfg['batch_sizes']}; {cfg['warmup']} warm-up + {cfg['iters']} timed "
         f"calls per point; text inputs {cfg['text_length']} tokens (engines with a fixed text length run "
@@ -388,21 +748,45 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
         f"- model: {doc['model']['params_total'] / 1e6:.2f} M parameters; {doc['model']['gflop_image']:.3f} GFLOP per image, "
         f"{doc['model']['gflop_text']:.3f} GFLOP per {doc['model']['context_length']}-token caption",
     ]
+    if doc["recall"]:
+        lines.append("- recall / parity set: " + _dataset_line(doc["recall"]["dataset"]))
+    if doc.get("calibration"):
+        c = doc["calibration"]
+        lines.append(f"- INT8 calibration set: {c['name']} (split {c.get('split')}): {c['coverage']}, "
+                     f"{c.get('n_captions', '?')} captions" + (" — GENERATED" if c["generated"] else ""))
     if cfg.get("note"):
         lines.append(f"- note: {cfg['note']}")
-    lines += ["", "## Engines", "", _md_table(*engine_rows(doc), right_from=99)]
+    lines += ["", "## Machine load during the run", ""]
+    lines += [f"- {x}" for x in load_lines(doc)]
+    th = doc["reliability"]["thresholds"]
+    lines += [
+        f"- warned when others take more than {100 * th['others_cpu_share']:.0f} % of the CPU or steal more than "
+        f"{100 * th['steal_share']:.0f} % while timing, when another process uses the GPU, or when a point's "
+        f"latencies spread (CV > {th['cv']} or p90/p50 > {th['p90_p50']}): "
+        + ("**timings unreliable** (see the warning above)" if warn else "none of these happened"),
+        "",
+    ]
+    lines += ["## Engines", "", _md_table(*engine_rows(doc), right_from=99)]
     if doc["timings"]:
         lines += [
-            "## Latency and throughput",
+            "## Request latency",
             "",
-            "Latency per call (device events on GPU, wall clock on CPU), after warm-up, inputs rotated over a "
-            "pool of distinct batches. TFLOP/s = the eager model's FLOPs per item (FlopCounterMode, at the text "
+            "Each call synchronised (on GPU `torch.cuda.synchronize` after it) and timed with the host clock around "
+            "it, after warm-up, inputs rotated over a pool of distinct device batches; p90 from 10 calls on, p99 from "
+            "100 (else —). CV = std/mean (! = spread above the threshold); others' CPU % = other processes' share of "
+            "the machine's CPU while the point ran.",
+            "",
+            _md_table(*latency_rows(doc)),
+            "## Pipelined throughput",
+            "",
+            "Back-to-back calls with one synchronisation at the end (on CPU, where calls are synchronous, the latency "
+            "calls themselves). TFLOP/s = the eager model's FLOPs per item (FlopCounterMode, at the text "
             "length the engine runs) x items/s, so an engine that skips work (pruning) can exceed the matrix "
             "peak; % peak is against the "
             "matrix-product peak measured in this run (on GPU the fp16/bf16 tensor-core peak for every row, on "
             "CPU the fp32 peak).",
             "",
-            _md_table(*timing_rows(doc)),
+            _md_table(*throughput_rows(doc)),
         ]
     if plot_name:
         lines += [f"![throughput vs batch]({plot_name})", ""]
@@ -416,19 +800,24 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
             _md_table(*e2e_rows(doc)),
         ]
     if doc["recall"]:
-        from priorclip.benchmarks.recall import TOLERANCES, recall_table
+        from priorclip.benchmarks.recall import recall_table
 
+        rec = doc["recall"]
+        tol = ", ".join(
+            f"{p} cos ≥ {t['cosine_min']}, |ΔmR| ≤ "
+            + (f"{t['dmr_max']}" if t["dmr_judged"] else f"not judged below {t['dmr_min_images']} images")
+            for p, t in rec["tolerances"].items()
+        )
         lines += [
             "## Recall check",
             "",
-            f"Dataset: {_dataset_line(doc['recall']['dataset'])}. Reference: eager "
-            "PyTorch fp32, TF32 off. ΔmR in percentage points; FAIL = outside the precision's tolerance "
-            "(cosine floor "
-            + ", ".join(f"{p} {t.min_cosine}" for p, t in TOLERANCES.items())
-            + "; |ΔmR| allowance per row in the JSON).",
+            f"Set: {_dataset_line(rec['dataset'])}. Reference: eager PyTorch fp32, TF32 off. ΔmR in percentage "
+            f"points; FAIL = outside the precision's tolerance on this set ({tol}).",
             "",
-            recall_table(doc["recall"]["reference"], doc["recall"]["engines"]),
         ]
+        if rec.get("dmr_note"):
+            lines += [rec["dmr_note"], ""]
+        lines.append(recall_table(rec["reference"], rec["engines"], labels(doc)))
     if doc["reference_points"] and doc["environment"]["device"].startswith("cuda"):
         ours = {(t["backend"], t["precision"], t["tower"], t["batch"]): t for t in doc["timings"]}
         rows = []
@@ -439,7 +828,7 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
                 [
                     r["what"],
                     f"{r['items_per_s']:,}",
-                    f"{key[0]}/{key[1]} {key[2]} b{key[3]}",
+                    f"{_label(doc, key[0], key[1])} {key[2]} b{key[3]}",
                     _fmt(mine["items_per_s"], 0) if mine else "not run",
                     f"{mine['items_per_s'] / r['items_per_s']:.2f}x" if mine else "—",
                 ]
@@ -455,6 +844,15 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_series(doc: dict, tower: str) -> dict[str, list[tuple[int, float]]]:
+    """Legend label (failing engines marked "[FAIL]") -> [(batch, pipelined items/s)] of one tower."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for t in doc["timings"]:
+        if t["tower"] == tower:
+            series.setdefault(_label(doc, t["backend"], t["precision"]), []).append((t["batch"], t["items_per_s"]))
+    return {k: sorted(v) for k, v in series.items()}
+
+
 def render_plot(doc: dict, path: Path) -> Path | None:
     """Throughput vs batch per engine, image and text panels (log-log). None when matplotlib is absent."""
     try:
@@ -466,13 +864,10 @@ def render_plot(doc: dict, path: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, tower, unit in ((axes[0], "image", "images/s"), (axes[1], "text", "captions/s")):
-        series: dict[str, list[tuple[int, float]]] = {}
-        for t in doc["timings"]:
-            if t["tower"] == tower:
-                series.setdefault(f"{t['backend']}/{t['precision']}", []).append((t["batch"], t["items_per_s"]))
+        series = plot_series(doc, tower)
         for name, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                    linestyle="--" if name.endswith("[FAIL]") else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         batches = sorted({t["batch"] for t in doc["timings"]})
@@ -487,7 +882,7 @@ def render_plot(doc: dict, path: Path) -> Path | None:
             FuncFormatter(lambda v, _: (f"{v:,.0f}" if v >= 10 else f"{v:g}") if small_range else "")
         )
         ax.set_xlabel("batch size")
-        ax.set_ylabel(unit)
+        ax.set_ylabel(unit + " (pipelined)")
         ax.set_title(f"{tower} encoder")
         ax.grid(True, which="both", alpha=0.3)
         if series:

@@ -2,7 +2,16 @@
 
 :func:`run_bench` returns the report dictionary (schema in :mod:`priorclip.benchmarks.report`); the CLI writes it.
 A backend that cannot run here, or fails to build, becomes an ``unavailable`` / ``failed`` engine row with its reason,
-and the run goes on with the others.
+and the run goes on with the others. Engines built from exports get the recall set as their parity set (with the
+reference embeddings already computed), so an export outside its tolerance fails to build instead of being timed.
+
+Sets (all drawn class-spread, deterministic):
+
+- recall set: ``--dataset``, else the real dataset when one is reachable (:func:`priorclip.data.default_dataset`),
+  else a generated set, labelled as generated in every report. Size: the whole split on GPU; on CPU
+  :data:`CPU_RECALL_IMAGES` images, the smallest set on which every precision's ΔmR is judged;
+- INT8 calibration set: the dataset's train split (never the evaluated split), else a generated set with another
+  seed than the recall set's.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import torch
 
 from priorclip.benchmarks import harness
 from priorclip.benchmarks import recall as recall_mod
-from priorclip.benchmarks.report import H100_REFERENCE_POINTS, SCHEMA, environment
+from priorclip.benchmarks.report import H100_REFERENCE_POINTS, SCHEMA, environment, finalize
 from priorclip.errors import PriorCLIPError
+from priorclip.parity import JUDGED_SET_IMAGES
 from priorclip.serve.engines import (
     BACKENDS,
     PRECISIONS,
@@ -34,8 +44,15 @@ from priorclip.serve.engines import (
 DEFAULT_BACKENDS = {"cpu": ("torch", "onnxruntime"), "cuda": None}  # None: every backend available
 DEFAULT_BATCHES = {"cpu": (1, 8), "cuda": (1, 8, 64, 256)}
 DEFAULT_PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp32", "fp16", "bf16")}
-DEFAULT_ITERS = {"cpu": (2, 10), "cuda": (10, 50)}  # (warm-up, timed)
-DEFAULT_RECALL_IMAGES = {"cpu": 32, "cuda": 256}
+# (warm-up, timed): 100 timed calls on GPU so its p99 is printed; 10 on CPU give a p50 and p90 (no p99) and keep the
+# default model's batch-8 point near 10 s.
+DEFAULT_ITERS = {"cpu": (2, 10), "cuda": (10, 100)}
+# Recall set on CPU: the smallest set on which every precision's ΔmR is judged (fp32/fp16: 334 images, 11-12 per
+# class on AID/RSICD), which keeps the default CPU run to a few minutes; on GPU the whole split (1,027 test images).
+CPU_RECALL_IMAGES = JUDGED_SET_IMAGES
+DEFAULT_RECALL_IMAGES = {"cpu": CPU_RECALL_IMAGES, "cuda": 0}  # 0: the whole split
+GENERATED_RECALL_IMAGES = {"cpu": CPU_RECALL_IMAGES, "cuda": 1024}
+RECALL_SEED, CALIB_SEED = 0, 1
 
 
 @dataclass
@@ -56,13 +73,16 @@ class BenchOptions:
     dataset: Path | None = None
     images: Path | None = None
     split: str = "test"
-    recall_images: int | None = None
+    recall_images: int | None = None  # None: the device default; 0: the whole split
+    generated_set: bool = False  # the generated set even when a real dataset is reachable
     e2e: bool = True
     e2e_images: int | None = None
     workers: int | None = None
     compile_mode: str = "default"
     compile_dynamic: bool = False
     calib_images: int = 64
+    calib_captions: int = 256
+    tf32: bool = False  # allow TF32 in fp32 engines on GPU (labelled in the report); off: plain fp32
     workdir: Path | None = None
     quick_peak: bool = False
     note: str | None = None
@@ -154,60 +174,89 @@ def _engine_row(
     }
 
 
-def _dataset(opts: BenchOptions, image_size: int, context_length: int, tmp: Path, workers: int, n_default: int):
-    from priorclip.data import load_karpathy
+def recall_source(opts: BenchOptions) -> tuple[Path, Path, str] | None:
+    """(dataset JSON, image folder, how it was chosen) of the real recall set, or None for the generated one."""
+    from priorclip.data import default_dataset, resolve_dataset
 
     if opts.dataset is not None:
-        json_path = Path(opts.dataset)
-        if json_path.is_dir():  # a dataset folder such as ../shared/data/aid-rsicd
-            found = sorted(json_path.glob("*.json"))
-            if len(found) != 1:
-                raise PriorCLIPError(
-                    f"--dataset {json_path}: expected one Karpathy JSON in the folder, found {len(found)}"
-                )
-            images = opts.images or json_path / "images"
-            json_path = found[0]
-        else:
-            images = opts.images or json_path.parent / "images"
+        json_path, images = resolve_dataset(opts.dataset, opts.images)
+        return json_path, images, "--dataset"
+    if opts.generated_set:
+        return None
+    found = default_dataset()
+    if found is None:
+        return None
+    return found[0], found[1], "the default dataset (priorclip.data.default_dataset)"
+
+
+def _dataset(opts: BenchOptions, source, image_size: int, context_length: int, tmp: Path, workers: int, dev: str):
+    from priorclip.data import load_karpathy
+
+    if source is not None:
+        json_path, images, how = source
         ds = load_karpathy(json_path, images, split=opts.split)
-        n = opts.recall_images
-        if n is not None and n < len(ds.images):
-            ds = ds.subset(n)
-        desc = {"name": json_path.name, "path": str(json_path), "split": opts.split, "generated": False}
+        n = DEFAULT_RECALL_IMAGES[dev] if opts.recall_images is None else opts.recall_images
+        if n and n < len(ds.images):
+            ds = ds.subset(n, seed=RECALL_SEED)
+        desc = {"name": json_path.name, "path": str(json_path), "split": opts.split, "generated": False,
+                "chosen_by": how}
     else:
         from priorclip.synthetic import make_sample
 
-        n = opts.recall_images or n_default
-        json_path, img_dir = make_sample(tmp / "recall-set", n_images=n, seed=0)
+        n = GENERATED_RECALL_IMAGES[dev] if not opts.recall_images else opts.recall_images
+        json_path, img_dir = make_sample(tmp / "recall-set", n_images=n, seed=RECALL_SEED)
         ds = load_karpathy(json_path, img_dir)
         desc = {
-            "name": "generated (priorclip.synthetic.make_sample, seed 0)",
+            "name": f"GENERATED set (priorclip.synthetic.make_sample, seed {RECALL_SEED})",
             "path": None,
             "split": "test",
             "generated": True,
+            "chosen_by": "--generated-set" if opts.generated_set else
+            "fallback: no real dataset reachable (--dataset, $PRIORCLIP_DATASET or ../shared/data/aid-rsicd)",
         }
     return recall_mod.prepare(ds, image_size, context_length, desc, workers)
 
 
-def _calibration_set(opts: BenchOptions, tmp: Path):
-    """INT8 calibration data: the dataset's train split when --dataset is given, else a generated set (seed 1) that
-    shares no image with the generated recall set (seed 0). Never the evaluated split itself."""
-    from priorclip.data import load_karpathy
+def _calibration_set(opts: BenchOptions, source, tmp: Path):
+    """(calibration set, its description) for INT8: the dataset's train split (``val`` when the train split is the
+    one evaluated), drawn class-spread, else a generated set (seed 1) that shares no image with the generated recall
+    set (seed 0). Never the evaluated split itself."""
+    from priorclip.data import describe_selection, image_label, load_karpathy, spread
+
+    n_img, n_cap = opts.calib_images, opts.calib_captions
+    if source is not None:
+        json_path, images, _ = source
+        split = "train" if opts.split != "train" else "val"
+        try:
+            ds = load_karpathy(json_path, images, split=split)
+        except PriorCLIPError:
+            ds = None  # no such split: generated data below
+        if ds is not None:
+            labels = ds.labels  # a property that re-derives every label: read it once
+            picked = spread(list(ds.images), labels, n_img, CALIB_SEED)
+            caps = spread(list(ds.captions), [labels[i] for i in ds.caption_image], n_cap, CALIB_SEED)
+            desc = {"name": json_path.name, "split": split, "generated": False,
+                    "n_captions": len(caps), **describe_selection([image_label(p) for p in picked],
+                    selection={"method": "class-spread", "seed": CALIB_SEED, "from_images": len(ds.images),
+                               "from_classes": len(set(labels))})}
+            return _calib(picked, caps, f"{json_path.name} split {split}: {desc['coverage']}"), desc
     from priorclip.synthetic import make_sample
 
-    n = opts.calib_images
-    if opts.dataset is not None:
-        json_path = Path(opts.dataset)
-        images = opts.images
-        if json_path.is_dir():
-            images = images or json_path / "images"
-            json_path = sorted(json_path.glob("*.json"))[0]
-        try:
-            return load_karpathy(json_path, images or json_path.parent / "images", split="train").subset(n)
-        except PriorCLIPError:
-            pass  # no train split: fall back to generated data
-    json_path, img_dir = make_sample(tmp / "calib-set", n_images=n, seed=1)
-    return load_karpathy(json_path, img_dir)
+    json_path, img_dir = make_sample(tmp / "calib-set", n_images=n_img, seed=CALIB_SEED, split="train")
+    ds = load_karpathy(json_path, img_dir, split="train")
+    labels = ds.labels
+    caps = spread(list(ds.captions), [labels[i] for i in ds.caption_image], n_cap, CALIB_SEED)
+    desc = {"name": f"GENERATED set (priorclip.synthetic.make_sample, seed {CALIB_SEED})", "split": "train",
+            "generated": True, "n_captions": len(caps), **describe_selection(labels)}
+    return _calib(list(ds.images), caps, f"generated (seed {CALIB_SEED}): {desc['coverage']}"), desc
+
+
+def _calib(images, captions, source: str):
+    try:
+        from priorclip.export.api import CalibrationSet
+    except Exception:  # noqa: BLE001 - without the export package no int8 engine builds anyway
+        from types import SimpleNamespace as CalibrationSet
+    return CalibrationSet(images=list(images), captions=list(captions), source=source)
 
 
 def _free(device: torch.device) -> None:
@@ -217,14 +266,24 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:400]
+
+
 def run_bench(
     opts: BenchOptions,
     argv: list[str] | None = None,
     log: Callable[[str], None] = print,
-    engine_factory: Callable[..., Engine] = create_engine,
+    engine_factory: Callable[..., Engine] | None = None,
     checkpoint: Callable[[dict], None] | None = None,
+    load_monitor: harness.LoadMonitor | None = None,
 ) -> dict:
-    """Run the whole benchmark and return the report dictionary."""
+    """Run the whole benchmark and return the report dictionary.
+
+    ``engine_factory``: builds each engine (default :func:`priorclip.serve.engines.create_engine`);
+    ``load_monitor``: where the machine's load is read (default: /proc, and nvidia-smi on GPU); tests inject both.
+    """
+    engine_factory = engine_factory or create_engine
     from priorclip.cliutils import build_model, resolve_device
     from priorclip.profile import profile_config
 
@@ -239,6 +298,8 @@ def run_bench(
         raise PriorCLIPError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})")
     workers = opts.workers or harness.default_workers()
     pairs, engine_rows = plan_engines(opts, device)
+    # the real dataset serves the recall set and the INT8 calibration (its train split), whichever is needed
+    source = recall_source(opts) if opts.recall or any(p == "int8" for _, p in pairs) else None
 
     model = build_model(opts.model_name, opts.checkpoint, opts.gate)
     cfg = model.cfg
@@ -249,6 +310,13 @@ def run_bench(
     prof = profile_config(cfg)
     log(f"priorclip-bench: {cfg.name} on {device}; engines: {', '.join(f'{b}/{p}' for b, p in pairs) or 'none'}")
 
+    if load_monitor is None:
+        uuid = harness.gpu_uuid(device) if dev == "cuda" else None
+        load_monitor = harness.LoadMonitor(gpu_reader=(lambda: harness.read_gpu(uuid)) if dev == "cuda" else None)
+    load_monitor.start()
+    # fp32 engines are plain fp32 unless --tf32 (torch's cuDNN default would run the prior's convolutions in TF32)
+    saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(opts.tf32)
     tmp_ctx = tempfile.TemporaryDirectory(prefix="priorclip-bench-")
     tmp = Path(tmp_ctx.name)
     workdir = Path(opts.workdir) if opts.workdir else tmp / "engines"
@@ -260,11 +328,12 @@ def run_bench(
         recall_batch = min(max(batch_sizes), 256)
         if opts.recall:
             log("preparing the recall set and the fp32 reference embeddings ...")
-            data = _dataset(opts, cfg.vision.image_size, ctx, tmp, workers, DEFAULT_RECALL_IMAGES[dev])
+            data = _dataset(opts, source, cfg.vision.image_size, ctx, tmp, workers, dev)
+            log(f"recall set: {data.description['name']}: {data.description['coverage']}")
             from priorclip.retrieval import recall_metrics
 
             ref = recall_mod.reference_embeddings(model, device, data, recall_batch)
-            ref_metrics = recall_metrics(*ref, data.caption_image)
+            ref_metrics = recall_metrics(ref[0], ref[1], data.caption_image)
 
         jpegs = decode_only = None
         e2e_batch = max(batch_sizes)
@@ -274,6 +343,7 @@ def run_bench(
             decode_only = harness.decode_rate(jpegs, cfg.vision.image_size, workers)
 
         timings, e2e_rows, recall_rows = [], [], []
+        calib: list = []  # [(set, description)] once an int8 engine asked for it
 
         def assemble() -> dict:
             return _report(
@@ -295,6 +365,8 @@ def run_bench(
                 data,
                 ref_metrics,
                 recall_rows,
+                calib[0][1] if calib else None,
+                load_monitor.summary(),
             )
 
         for backend, precision in pairs:
@@ -313,24 +385,39 @@ def run_bench(
                 elif backend in ("onnxruntime", "aoti", "tensorrt"):
                     options = {"max_batch": max(256, max(batch_sizes))}
                     if precision == "int8":
-                        options["calib"] = _calibration_set(opts, tmp)
+                        if not calib:
+                            calib.append(_calibration_set(opts, source, tmp))
+                            log(f"INT8 calibration set: {calib[0][1]['name']}: {calib[0][1]['coverage']}")
+                        options["calib"] = calib[0][0]
+                    if data is not None:  # the export is checked on the recall set and refused outside tolerance
+                        options.update(parity_set=data.dataset, reference_embeddings=ref)
                 engine = engine_factory(backend, model, precision, device, workdir=workdir, **options)
             except Exception as e:  # noqa: BLE001 - one broken backend must not end the run
-                reason = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+                reason = _reason(e)
                 log(f"[{name}] failed to build: {reason}")
+                if opts.extra.get("raise"):
+                    raise
+                parity = _refused_parity(e)
+                if data is not None and recall_mod.same_set(parity, data):  # its numbers join the recall table
+                    recall_rows.append(recall_mod.row_from_export_parity(name, precision, parity))
                 engine_rows.append(_engine_row(backend, precision, "failed", reason, time.perf_counter() - t0))
                 _free(device)
+                if checkpoint is not None:
+                    checkpoint(assemble())
                 continue
             try:
                 build_s = time.perf_counter() - t0
                 first_calls_s = harness.prime(engine, cfg, batch_sizes, text_length, opts.towers)
                 setup = time.perf_counter() - t0
                 engine.info.update({"build_s": round(build_s, 3), "first_calls_s": round(first_calls_s, 3)})
+                if dev == "cuda" and precision == "fp32" and backend in ("torch", "torch-compile", "aoti"):
+                    engine.info["tf32"] = bool(opts.tf32)
                 log(f"[{name}] built in {build_s:.1f} s; first call per batch size (compilation) {first_calls_s:.1f} s")
 
                 def show(r: harness.TimingRow) -> None:
                     log(
-                        f"[{name}] {r.tower:<5} batch {r.batch:>4}: p50 {r.p50_ms:9.2f} ms  {r.items_per_s:10.1f} items/s"
+                        f"[{name}] {r.tower:<5} batch {r.batch:>4}: p50 {r.p50_ms:9.2f} ms  "
+                        f"{r.items_per_s:10.1f} items/s" + ("  (unsteady)" if r.unsteady else "")
                     )
 
                 timings += [
@@ -346,6 +433,7 @@ def run_bench(
                         opts.towers,
                         on_row=show,
                         free_before_build=free_before,
+                        monitor=load_monitor,
                     )
                 ]
                 if jpegs is not None:
@@ -355,32 +443,55 @@ def run_bench(
                     )
                     log(f"[{name}] JPEG -> embedding: {rate['images_per_s']:.1f} images/s")
                 if data is not None:
-                    got = recall_mod.embed(engine, data, recall_batch)
-                    row = recall_mod.compare(name, precision, ref, got, data.caption_image, ref_metrics)
+                    exported = engine.info.get("export_parity")
+                    if recall_mod.same_set(exported, data):  # the export already embedded this set: reuse it
+                        row = recall_mod.row_from_export_parity(name, precision, exported)
+                    else:
+                        got = recall_mod.embed(engine, data, recall_batch)
+                        row = recall_mod.compare(name, precision, ref, got, data.caption_image, ref_metrics)
                     recall_rows.append(row)
                     log(
-                        f"[{name}] recall: mR {row['metrics']['mR']:.2f} (Δ {row['delta']['mR']:+.2f}), min cosine "
-                        f"{min(row['cosine_image_min'], row['cosine_text_min']):.6f}: "
-                        + ("ok" if row["within_tolerance"] else "FAIL " + "; ".join(row["failures"]))
+                        f"[{name}] recall: mR {row['metrics']['mR']:.2f} (Δ {recall_mod.fmt_dmr(row)}), min cosine "
+                        f"{min(row['cosine_image_min'], row['cosine_text_min']):.6f}, rank flips "
+                        f"{recall_mod.fmt_flips(row['rank_flips'])}: "
+                        + ("PASS" if row["within_tolerance"] else "FAIL " + "; ".join(row["failures"]))
                     )
-                engine_rows.append(_engine_row(backend, precision, "ok", None, setup, engine.metadata()))
+                engine_rows.append(_engine_row(backend, precision, "ok", None, setup, _metadata(engine)))
             except Exception as e:  # noqa: BLE001
-                reason = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+                reason = _reason(e)
                 setup = time.perf_counter() - t0
                 log(f"[{name}] failed while running: {reason}")
                 if opts.extra.get("raise"):
                     raise
                 log(traceback.format_exc(limit=3))
-                engine_rows.append(_engine_row(backend, precision, "failed", reason, setup, engine.metadata()))
+                engine_rows.append(_engine_row(backend, precision, "failed", reason, setup, _metadata(engine)))
             finally:
                 del engine
                 _free(device)
             if checkpoint is not None:  # the report so far, so a run cut short still leaves its finished engines
                 checkpoint(assemble())
+        load_monitor.stop()
         doc = assemble()
     finally:
+        load_monitor.stop()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
         tmp_ctx.cleanup()
     return doc
+
+
+def _refused_parity(e: BaseException) -> dict | None:
+    """The parity report of an export refused for its parity (``ExportError.parity``), else None."""
+    rep = getattr(e, "parity", None)
+    return rep if isinstance(rep, dict) else None
+
+
+def _metadata(engine) -> dict | None:
+    """The engine's metadata without the bulky export parity report (its numbers are in the recall section)."""
+    meta = engine.metadata() if hasattr(engine, "metadata") else None
+    if isinstance(meta, dict) and isinstance(meta.get("export_parity"), dict):
+        p = meta["export_parity"]
+        meta = {**meta, "export_parity": {k: p.get(k) for k in ("passed", "failures", "notes", "n_images")}}
+    return meta
 
 
 def _report(
@@ -402,6 +513,8 @@ def _report(
     data,
     ref_metrics,
     recall_rows,
+    calibration,
+    load,
 ) -> dict:
 
     weights = (
@@ -409,6 +522,7 @@ def _report(
         if opts.checkpoint
         else "random (no checkpoint): speed does not depend on the weights; recall values mean nothing, their parity does"
     )
+    n_images = len(data.pixels) if data is not None else 0
     doc = {
         "schema": SCHEMA,
         "environment": environment(device, argv),
@@ -423,6 +537,7 @@ def _report(
             "towers": list(opts.towers),
             "compile_mode": opts.compile_mode,
             "compile_dynamic": opts.compile_dynamic,
+            "tf32": bool(opts.tf32) if device.type == "cuda" else None,
             "workers": workers,
             "recall_batch": recall_batch if opts.recall else None,
             "note": opts.note,
@@ -435,7 +550,7 @@ def _report(
             **prof,
         },
         "peak_tflops": peaks,
-        "engines": list(engine_rows),
+        "engines": [dict(e) for e in engine_rows],
         "timings": list(timings),
         "e2e": list(e2e_rows),
         "recall": None
@@ -444,11 +559,13 @@ def _report(
             "dataset": data.description,
             "reference": ref_metrics,
             "engines": list(recall_rows),
-            "tolerances": {
-                p: {"cosine_min": t.min_cosine, "dmr_max": recall_mod.dmr_allowance(p, len(data.pixels))}
-                for p, t in recall_mod.TOLERANCES.items()
-            },
+            "tolerances": recall_mod.tolerances_for(n_images),
+            "dmr_note": recall_mod.dmr_note(
+                [e["precision"] for e in engine_rows if e["status"] in ("ok", "failed")] or ["fp32"], n_images
+            ),
         },
+        "calibration": calibration,
+        "load": load,
         "reference_points": H100_REFERENCE_POINTS,
     }
-    return doc
+    return finalize(doc)

@@ -4,6 +4,9 @@ Each tower is exported with ``torch.export`` (dynamic batch 1..max_batch; dynami
 compiled ahead of time for one device into a ``.pt2`` package; :class:`~.engines.AotiEngine` loads it with
 ``torch._inductor.aoti_load_package``. Precisions: fp32, and fp16 (weights and activations in half; the gate's
 softmax, ranks and token-axis norm stay fp32 as the reference computes them). INT8 is ONNX/TensorRT only.
+
+The image package returns ``(embeddings, belief_order)`` where the model's gate ranks (as the ONNX image graph
+does, :func:`~.onnx_export.has_belief_order`), else the embeddings alone; the manifest's ``io`` says which.
 """
 
 from __future__ import annotations
@@ -27,8 +30,11 @@ class _Half(torch.nn.Module):
         self.inner = inner
         self.cast_input = cast_input
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.half() if self.cast_input else x).float()
+    def forward(self, x: torch.Tensor):
+        out = self.inner(x.half() if self.cast_input else x)
+        if isinstance(out, tuple):  # (embeddings, belief_order): only the float output goes back to fp32
+            return tuple(o.float() if o.is_floating_point() else o for o in out)
+        return out.float()
 
 
 def export_aoti(model: torch.nn.Module, out_dir: Path, precision: str = "fp32", max_batch: int = 256,

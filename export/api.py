@@ -98,7 +98,7 @@ def _text_batches(captions: list[str], context_length: int) -> Iterator[np.ndarr
 
 def _export_onnx(model, out_dir: Path, precision: str, calib, calib_method: str, opset: int, max_batch: int,
                  keep_fp: Iterable[str] | None, fp16_keep_ops, fp16_keep_patterns, progress: bool,
-                 stats_cache: dict | None = None) -> tuple[dict, dict]:
+                 stats_cache: dict | None = None, int8_target: str = _q.DEFAULT_TARGET) -> tuple[dict, dict]:
     cfg = model.cfg
     info: dict[str, Any] = {}
     if precision == "fp32":
@@ -128,7 +128,8 @@ def _export_onnx(model, out_dir: Path, precision: str, calib, calib_method: str,
                                                 _q.DEFAULT_KEEP_FP if keep_fp is None else keep_fp,
                                                 progress=(lambda m: _log(progress, f"  {tower}: {m}")),
                                                 stats_cache=None if stats_cache is None else
-                                                stats_cache.setdefault(tower, {}))
+                                                stats_cache.setdefault(tower, {}), target=int8_target,
+                                                fp16_keep_ops=fp16_keep_ops, fp16_keep_patterns=fp16_keep_patterns)
                     tables[tower] = table
                 paths[tower] = save_model(g, out_dir / p.name)
                 check_model(paths[tower])
@@ -139,6 +140,8 @@ def _export_onnx(model, out_dir: Path, precision: str, calib, calib_method: str,
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     info["op_counts"] = {t: op_counts(_light(p)) for t, p in paths.items()}
+    info["opset"] = {t: max(i.version for i in _light(p).opset_import if i.domain in ("", "ai.onnx"))
+                     for t, p in paths.items()}  # the int8 tensorrt layout raises it to 19 (fp16 Q/DQ)
     return paths, info
 
 
@@ -172,7 +175,7 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
                  fp16_keep_ops: Iterable[str] | None = None, fp16_keep_patterns: Iterable[str] | None = None,
                  device: str = "cpu", checkpoint: str | Path | None = None, command: str | None = None,
                  parity_batch_size: int = 32, opt_batch: int | None = None, stats_cache: dict | None = None,
-                 reference_embeddings=None) -> ExportResult:
+                 reference_embeddings=None, int8_target: str | None = None) -> ExportResult:
     """Export ``model``'s image and text encoders to ``out_dir``.
 
     Args:
@@ -187,7 +190,10 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
         device: where AOTInductor compiles for and where parity runs the engine (``cpu`` / ``cuda``).
         checkpoint: source checkpoint path, hashed into the manifest (``random-init`` without one).
         stats_cache: a dict kept by the caller so several int8 exports of one model share one calibration run.
-        reference_embeddings: cached fp32 reference (image, text) embeddings of ``parity_set``.
+        reference_embeddings: cached fp32 reference (image, text, belief order) of ``parity_set``.
+        int8_target: the INT8 Q/DQ layout, for the runtime that will run it (:data:`.quantize.TARGETS`):
+            ``ort-cpu`` (uint8 activations, integer chains ONNX Runtime's CPU provider fuses) or ``tensorrt``
+            (symmetric int8 on an fp16 graph, opset 19). Default: ``tensorrt`` for ``format="trt"``, else ``ort-cpu``.
 
     Raises:
         PriorCLIPError: bad options, missing TensorRT for ``trt`` (after the ONNX is written), or parity outside
@@ -205,6 +211,12 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
         raise ExportError("--precision int8 needs calibration data (images and captions): pass --calib-data DIR|JSON")
     if max_batch < 1:
         raise ExportError("--max-batch must be at least 1")
+    int8_target = int8_target or _q.TARGET_FOR_FORMAT.get(format, _q.DEFAULT_TARGET)
+    if int8_target not in _q.TARGETS:
+        raise ExportError(f"unknown int8 target {int8_target!r}; choose from {', '.join(_q.TARGETS)}")
+    if precision == "int8" and format == "trt" and int8_target != "tensorrt":
+        raise ExportError(f"--int8-target {int8_target} is not a TensorRT layout (uint8 activations); "
+                          "--format trt needs --int8-target tensorrt")
     out_dir = ensure_writable_dir(out_dir)
     model = _cpu_fp32(model)
     cfg = model.cfg
@@ -230,16 +242,20 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
             "images": len(calib.images),
             "captions": len(calib.captions),
             "percentile": _q.PERCENTILE if calib_method == "percentile" else None,
-            "activations": "symmetric int8 per tensor (zero point 0)",
+            "target": int8_target,
+            "activations": ("asymmetric uint8 per tensor (Q/DQ around the integer chains ONNX Runtime's CPU provider "
+                            "fuses)" if int8_target == "ort-cpu" else
+                            "symmetric int8 per tensor (zero point 0) on an fp16 graph, opset 19"),
             "weights": "symmetric int8 per output channel",
+            "memory_budget_bytes": _q.CALIB_MEMORY_BUDGET,
             "table": "calibration.json",
         }
     files: dict[str, Path] = {}
     if format in ("onnx", "trt"):
         paths, info = _export_onnx(model, out_dir, precision, calib, calib_method, opset, max_batch, keep_fp,
-                                   fp16_keep_ops, fp16_keep_patterns, progress, stats_cache)
+                                   fp16_keep_ops, fp16_keep_patterns, progress, stats_cache, int8_target)
         files.update(paths)
-        manifest["opset"] = opset
+        manifest["opset"] = max(info["opset"].values())
         manifest["onnx"] = info
         if precision == "int8":
             manifest["calibration"]["layers"] = info["calibration_tables"]
@@ -287,12 +303,28 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
         parity = run_parity(model, out_dir, manifest, parity_set, device, parity_batch_size, progress,
                             reference_embeddings)
         manifest["parity"] = {"file": "parity.json", "passed": parity["passed"], "failures": parity["failures"],
-                              "n_images": parity["n_images"], "n_captions": parity["n_captions"]}
+                              "n_images": parity["n_images"], "n_captions": parity["n_captions"],
+                              "dataset": parity["dataset"]["coverage"], "notes": parity["notes"]}
         write_json(out_dir / "manifest.json", manifest)
         if not parity["passed"] and not force:
-            raise ExportError(f"parity outside the {precision} tolerance: {'; '.join(parity['failures'])} "
+            err = ExportError(f"parity outside the {precision} tolerance: {'; '.join(parity['failures'])} "
                               f"(see {out_dir / 'parity.json'}; --force keeps it)")
+            err.parity = parity  # callers that report it (priorclip-bench) need not re-read parity.json
+            raise err
     return ExportResult(out_dir, manifest, parity, files)
+
+
+class _fp32_matmuls:
+    """TF32 off for CUDA matmuls and convolutions inside the block (restored after): fp32 parity is fp32."""
+
+    def __enter__(self):
+        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
+        return False
 
 
 def run_parity(model, out_dir: Path, manifest: dict, parity_set, device: str, batch_size: int,
@@ -302,17 +334,31 @@ def run_parity(model, out_dir: Path, manifest: dict, parity_set, device: str, ba
     from .engines import open_engine
     from .parity import format_parity_table, parity_report
 
-    _log(progress, f"parity on {len(parity_set.images)} images / {len(parity_set.captions)} captions")
+    _log(progress, f"parity on {parity_set.describe()['coverage']}, {len(parity_set.captions)} captions")
     engine = open_engine(out_dir, device=device)
-    reference = TorchEncoder(model, "cpu")
-    report = parity_report(engine, reference, parity_set, manifest["precision"], batch_size, progress=False,
-                           reference_embeddings=reference_embeddings)
+    # The reference runs where the engine runs when that is CUDA (TF32 off, so it is fp32), else on the CPU; a
+    # cached reference_embeddings (image, text[, belief order]) skips it.
+    ref_dev = getattr(engine, "device", torch.device("cpu"))
+    ref_dev = ref_dev if torch.device(ref_dev).type == "cuda" else torch.device("cpu")
+    if reference_embeddings is None and ref_dev.type == "cuda":
+        import copy
+
+        reference = TorchEncoder(copy.deepcopy(model), ref_dev)  # a copy: the caller's model stays on the CPU
+    else:
+        reference = TorchEncoder(model, "cpu")
+    with _fp32_matmuls():
+        report = parity_report(engine, reference, parity_set, manifest["precision"], batch_size, progress=False,
+                               reference_embeddings=reference_embeddings)
+    report["reference_device"] = "cached" if reference_embeddings is not None else str(ref_dev)
     name = f"{manifest['format']}-{manifest['precision']}"
     if manifest.get("calibration"):
         name += f"-{manifest['calibration']['method']}"
     report["export"] = name
     write_json(out_dir / "parity.json", report)
-    table = format_parity_table({f"{name} ({report['engine']})": report})
+    d = report["dataset"]
+    table = (f"Parity set: {d['coverage']}, {d['n_captions']} captions"
+             + (f"; {d['selection']['source']}" if d.get("selection", {}).get("source") else "") + "\n\n"
+             + format_parity_table({f"{name} ({report['engine']})": report}))
     (out_dir / "parity.md").write_text(table, encoding="utf-8")
     if progress:
         print(table, flush=True)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import click
 
-from priorclip.cliutils import build_model, model_options, user_errors
+from priorclip.cliutils import build_model, image_count, model_options, user_errors
 from priorclip.errors import DataError, PriorCLIPError
+from priorclip.parity import JUDGED_SET_IMAGES
 
 
 def _karpathy(json_path: Path, image_root: Path | None, split: str):
@@ -30,9 +31,13 @@ def _karpathy(json_path: Path, image_root: Path | None, split: str):
     return load_karpathy(json_path, root, split)
 
 
-def load_calibration(path: Path, image_root: Path | None, split: str, n_images: int, n_captions: int):
-    """``--calib-data``: a Karpathy JSON (its ``split``) or a folder of images with an optional captions file."""
-    from priorclip.data import list_images, read_captions
+def load_calibration(path: Path, image_root: Path | None, split: str, n_images: int, n_captions: int, seed: int = 0):
+    """``--calib-data``: a Karpathy JSON (its ``split``) or a folder of images with an optional captions file.
+
+    Images (and a JSON's captions, by their image) are drawn spread over the scene classes, deterministically:
+    files sort by class, so the first N would calibrate on one class.
+    """
+    from priorclip.data import describe_selection, image_label, list_images, read_captions, spread
 
     from .api import CalibrationSet
 
@@ -44,21 +49,51 @@ def load_calibration(path: Path, image_root: Path | None, split: str, n_images: 
         if caps_file is None:
             raise DataError(f"{path}: no captions.txt or captions.json for the text encoder's calibration")
         captions = read_captions(caps_file)
+        caption_labels = [str(i) for i in range(len(captions))]  # no classes: a seeded random draw
         source = str(path)
     else:
         ds = _karpathy(path, image_root, split)
         images, captions, source = ds.images, ds.captions, f"{path} (split {split})"
-    # Spread the picks over the whole list (files sort by class), deterministically.
-    images = _spread(images, n_images)
-    captions = _spread(captions, n_captions)
-    return CalibrationSet(list(images), list(captions), f"{source}: {len(images)} images, {len(captions)} captions")
+        image_labels = ds.labels  # a property that re-reads every path: once, not once per caption
+        caption_labels = [image_labels[i] for i in ds.caption_image]
+    labels = [image_label(p) for p in images]
+    picked = spread(list(images), labels, n_images, seed)
+    captions = spread(list(captions), caption_labels, n_captions, seed)
+    cover = describe_selection([image_label(p) for p in picked])
+    return CalibrationSet(list(picked), list(captions),
+                          f"{source}: {len(picked)} images over {cover['n_classes']} classes "
+                          f"({cover['per_class_min']}-{cover['per_class_max']} each, class-spread seed {seed}), "
+                          f"{len(captions)} captions")
 
 
-def _spread(items, n):
-    if n <= 0 or n >= len(items):
-        return list(items)
-    idx = [round(i * (len(items) - 1) / max(n - 1, 1)) for i in range(n)]
-    return [items[i] for i in idx]
+def load_parity_set(parity_data: Path | None, image_root: Path | None, split: str, n_images: int | None):
+    """The held-out parity set: ``--parity-data``, else the real dataset when one is reachable
+    (:func:`priorclip.data.default_dataset`), else a generated set, labelled as such. ``n_images`` images are drawn
+    class-spread (0 or None: all of them)."""
+    from priorclip.data import default_dataset, load_karpathy
+
+    if parity_data is not None:
+        ds = _karpathy(parity_data, image_root, split)
+        origin = f"{parity_data} (split {split})"
+    elif (found := default_dataset()) is not None:
+        ds = load_karpathy(found[0], found[1], split)
+        origin = f"{found[0]} (split {split}; found by default, --parity-data overrides)"
+    else:
+        import tempfile
+
+        from priorclip.synthetic import make_sample
+
+        j, imgs = make_sample(Path(tempfile.mkdtemp(prefix="priorclip-parity-")), GENERATED_PARITY_IMAGES)
+        ds = load_karpathy(j, imgs)
+        origin = ("GENERATED scenes (priorclip.synthetic, seed 0): no real dataset found; pass --parity-data or set "
+                  "$PRIORCLIP_DATASET for a verdict on real images")
+    if n_images and n_images < len(ds.images):
+        ds = ds.subset(n_images)
+    ds.selection = {**(ds.selection or {}), "source": origin}
+    return ds, origin
+
+
+GENERATED_PARITY_IMAGES = 64
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -73,6 +108,10 @@ def _spread(items, n):
               "--calib-split) or a folder of images with captions.txt/captions.json.")
 @click.option("--calib-method", default="entropy", metavar="minmax|percentile|entropy",
               show_default=True, help="How activation ranges are chosen (percentile = 99.99th of |x|; entropy = KL).")
+@click.option("--int8-target", default=None, metavar="ort-cpu|tensorrt",
+              help="INT8 Q/DQ layout for the runtime that will run it: ort-cpu (uint8 activations in the integer "
+              "chains ONNX Runtime's CPU provider fuses) or tensorrt (symmetric int8 on an fp16 graph). "
+              "Default: tensorrt for --format trt, ort-cpu for --format onnx.")
 @click.option("--calib-split", default="train", show_default=True, help="Split of a calibration JSON.")
 @click.option("--calib-images", type=int, default=256, show_default=True, help="Calibration images (0 = all).")
 @click.option("--calib-captions", type=int, default=1024, show_default=True, help="Calibration captions (0 = all).")
@@ -83,9 +122,13 @@ def _spread(items, n):
               help="FP16: also keep layers matching this module-path pattern in fp32 (repeatable), e.g. 'res_visual' "
               "for the whole prior; added to the measured default (norms, softmax, reductions, the belief gate).")
 @click.option("--parity-data", type=click.Path(path_type=Path), default=None,
-              help="Held-out Karpathy JSON for the parity report (default: a generated 32-image set).")
+              help="Held-out Karpathy JSON for the parity report (default: the real dataset when one is found — "
+              "$PRIORCLIP_DATASET, ../shared/data/aid-rsicd — else a labelled generated set of "
+              f"{GENERATED_PARITY_IMAGES} images).")
 @click.option("--parity-split", default="test", show_default=True)
-@click.option("--parity-images", type=int, default=256, show_default=True, help="First N images of the split.")
+@click.option("--parity-images", callback=image_count(1), metavar="N|all",
+              help="Images of the parity split, drawn class-spread (default: the whole split with --device cuda; on "
+              f"cpu {JUDGED_SET_IMAGES}, the fewest on which every precision's ΔmR is judged).")
 @click.option("--image-root", type=click.Path(path_type=Path), default=None,
               help="Image folder for --calib-data/--parity-data JSON files (default: <json dir>/images).")
 @click.option("--no-parity", is_flag=True, help="Skip the parity report (and its tolerance check).")
@@ -99,9 +142,9 @@ def _spread(items, n):
               help="Output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @user_errors
-def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method, calib_split, calib_images,
-         calib_captions, keep_fp, fp16_keep, parity_data, parity_split, parity_images, image_root, no_parity,
-         max_batch, opset,
+def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method, int8_target, calib_split,
+         calib_images, calib_captions, keep_fp, fp16_keep, parity_data, parity_split, parity_images, image_root,
+         no_parity, max_batch, opset,
          device, force, out_dir, quiet) -> None:
     """Export PriorCLIP's image and text encoders with a manifest and a parity report against fp32 PyTorch."""
     from . import require_export_dependencies
@@ -110,10 +153,11 @@ def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method,
     from .api import FORMATS, PRECISIONS, export_model
     from .fp16 import DEFAULT_KEEP_PATTERNS
     from .onnx_export import OPSET
-    from .quantize import METHODS
+    from .quantize import METHODS, TARGETS
 
     for opt, value, allowed in (("--format", fmt, FORMATS), ("--precision", precision, PRECISIONS),
-                                ("--calib-method", calib_method, METHODS)):
+                                ("--calib-method", calib_method, METHODS),
+                                ("--int8-target", int8_target or TARGETS[0], TARGETS)):
         if value not in allowed:
             raise PriorCLIPError(f"{opt} {value!r} is not one of: {', '.join(allowed)}")
 
@@ -128,25 +172,18 @@ def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method,
         calib = load_calibration(calib_data, image_root, calib_split, calib_images, calib_captions)
     parity_set = None
     if not no_parity:
-        if parity_data is not None:
-            parity_set = _karpathy(parity_data, image_root, parity_split)
-        else:
-            import tempfile
-
-            from priorclip.data import load_karpathy
-            from priorclip.synthetic import make_sample
-
-            j, imgs = make_sample(Path(tempfile.mkdtemp(prefix="priorclip-parity-")), 32)
-            parity_set = load_karpathy(j, imgs)
-        if parity_images and parity_images < len(parity_set.images):
-            parity_set = parity_set.subset(parity_images)
+        if parity_images is None:
+            parity_images = 0 if device.startswith("cuda") else JUDGED_SET_IMAGES
+        parity_set, origin = load_parity_set(parity_data, image_root, parity_split, parity_images)
+        if not quiet:
+            click.echo(f"parity set: {origin}; {parity_set.describe()['coverage']}", err=True)
     model = build_model(model_name, checkpoint, gate)
     command = " ".join(shlex.quote(a) for a in ["priorclip-export", *sys.argv[1:]])
     result = export_model(model, out_dir, fmt, precision, calib=calib, calib_method=calib_method,
                           max_batch=max_batch, opset=opset or OPSET, parity_set=parity_set, force=force,
                           progress=not quiet, keep_fp=keep_fp or None, device=device, checkpoint=checkpoint,
                           fp16_keep_patterns=(DEFAULT_KEEP_PATTERNS + tuple(fp16_keep)) if fp16_keep else None,
-                          command=command)
+                          command=command, int8_target=int8_target)
     if quiet and result.parity is not None:
         from .parity import format_parity_table
 

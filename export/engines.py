@@ -4,8 +4,21 @@
 default, CUDA on ``device="cuda"`` with TF32 off so fp32 parity is real fp32), AOTInductor packages through
 ``torch._inductor.aoti_load_package``, TensorRT plans through the ``tensorrt`` runtime.
 
-Every engine feeds fp32 pixels and int64 tokens and returns fp32 L2-normalised embeddings; token batches are cut to
-their longest caption (EOT + 1, at least 2), exactly like the reference's ``trim_text``.
+Output contract (shared by every engine here and in :mod:`priorclip.serve.engines`):
+
+* ``encode_images(pixels)`` / ``encode_texts(tokens)`` return float32 L2-normalised embeddings ``[B, E]`` as torch
+  tensors **on the engine's own device** (``engine.device``); callers that need host data call ``.cpu()``. On CUDA
+  nothing is copied to the host per call: inputs are read from, and outputs written to, torch CUDA tensors
+  (ONNX Runtime through I/O binding, TensorRT through tensor addresses), on a private stream ordered after the
+  caller's current stream and before its later work, with no host synchronisation.
+* ``encode_images_with_order(pixels)`` returns ``(embeddings, belief_order [B, T] int64 | None)``: the gate's own
+  order, from the image graph's second output ``belief_order``; ``None`` for graphs without one (plain CLIP, the
+  ``2belief`` gate, exports made before the output existed).
+* Pixels must be floating point ``[B, 3, S, S]`` and tokens int64/int32 ``[B, L <= context]``; anything else is a
+  ``ValueError``. Token batches are cut to their longest caption (EOT + 1, at least 2), exactly like the reference's
+  ``trim_text``.
+
+The CPU ONNX Runtime path keeps numpy in and out (``session.run``), which is what ORT's CPU provider wants.
 """
 
 from __future__ import annotations
@@ -13,11 +26,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from priorclip.errors import PriorCLIPError
 
-from .onnx_export import IMAGE_INPUT, MIN_TEXT_LEN, TEXT_INPUT
+from .onnx_export import IMAGE_INPUT, MIN_TEXT_LEN, ORDER_OUTPUT, OUTPUT, TEXT_INPUT
+
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+# Ops that carry the FLOPs: on a CUDA session, one of these placed on the CPU makes it a CPU engine in disguise.
+# (ONNX Runtime legitimately puts shape arithmetic on the CPU, so "any node on CPU" is not the test.)
+COMPUTE_OPS = frozenset({"Conv", "ConvInteger", "QLinearConv", "FusedConv", "MatMul", "MatMulInteger",
+                         "QLinearMatMul", "FusedMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "Gemm",
+                         "FusedGemm", "Attention", "MultiHeadAttention"})
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
+              "tensor(int32)": torch.int32}
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+_EMB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ORDER_DTYPES = (torch.int64, torch.int32)
 
 
 def read_manifest(export_dir: str | Path) -> dict:
@@ -38,16 +64,74 @@ def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, : min(n, tokens.shape[1])]
 
 
+def check_io(where: str, tower: str, inputs: list[str], outputs: dict[str, torch.dtype]) -> bool:
+    """Check a graph's / plan's own I/O against what a priorclip ``tower`` has; True when it has ``belief_order``.
+
+    A wrong name or dtype is one error line: binding by position would silently read the wrong tensor.
+    """
+    want_in = IMAGE_INPUT if tower == "image" else TEXT_INPUT
+    allowed = {OUTPUT, ORDER_OUTPUT} if tower == "image" else {OUTPUT}
+    if list(inputs) != [want_in]:
+        raise PriorCLIPError(f"{where}: inputs {list(inputs)}, expected ['{want_in}'] "
+                             f"(not a priorclip {tower} encoder)")
+    unexpected = sorted(set(outputs) - allowed)
+    if OUTPUT not in outputs or unexpected:
+        raise PriorCLIPError(f"{where}: outputs {sorted(outputs)}, expected '{OUTPUT}'"
+                             + (f" and optionally '{ORDER_OUTPUT}'" if tower == "image" else "")
+                             + (f"; unexpected: {', '.join(unexpected)}" if unexpected else ""))
+    if outputs[OUTPUT] not in _EMB_DTYPES:
+        raise PriorCLIPError(f"{where}: output '{OUTPUT}' is {outputs[OUTPUT]}, expected a float type")
+    if ORDER_OUTPUT in outputs and outputs[ORDER_OUTPUT] not in _ORDER_DTYPES:
+        raise PriorCLIPError(f"{where}: output '{ORDER_OUTPUT}' is {outputs[ORDER_OUTPUT]}, expected int64")
+    return ORDER_OUTPUT in outputs
+
+
+def _cuda_device(device: str | torch.device, what: str) -> torch.device:
+    """The CUDA device to run ``what`` on, or one error line saying why there is none."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise PriorCLIPError(f"{what} runs on CUDA devices, not {dev}")
+    if not torch.cuda.is_available():
+        raise PriorCLIPError(f"{what} needs a CUDA device and a CUDA build of torch; neither is available here")
+    return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+class _CudaStream:
+    """A private stream for runtimes that take a raw stream handle (ONNX Runtime's ``user_compute_stream``,
+    TensorRT's ``execute_async_v3``). :meth:`begin` orders it after the caller's current stream (the input copy),
+    :meth:`end` orders the caller's stream after it, both on the GPU: no host synchronisation, and inputs and
+    outputs allocated on the caller's stream are never reused before the runtime is done with them. A private
+    stream because ONNX Runtime treats stream handle 0 (torch's default stream) as "none"."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.handle = int(self.stream.cuda_stream)
+
+    def begin(self) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def end(self) -> None:
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
 class _Base:
+    device: torch.device
+    has_order: bool
+
     def __init__(self, export_dir: Path, manifest: dict) -> None:
         self.export_dir = Path(export_dir)
         self.metadata = manifest
         self.precision = manifest["precision"]
         cfg = manifest["model"]["config"]
-        self.image_size = int(cfg["vision"]["image_size"])
+        v = cfg["vision"]
+        self.image_size = int(v["image_size"])
+        self.num_tokens = (int(v["image_size"]) // int(v["patch_size"])) ** 2 + 1
         self.context_length = int(cfg["text"]["context_length"])
         self.embed_dim = int(cfg["embed_dim"])
         self.max_batch = int(manifest["io"]["batch"]["max"])
+        # What the manifest promises; engines that can ask their runtime replace it with the graph's own answer.
+        self.has_order = any(o.get("name") == ORDER_OUTPUT for o in manifest["io"]["image"].get("outputs", []))
 
     def _chunks(self, x: torch.Tensor):
         for s in range(0, x.shape[0], self.max_batch):
@@ -55,67 +139,216 @@ class _Base:
 
     def _check_pixels(self, pixels: torch.Tensor) -> None:
         s = self.image_size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ValueError(f"encode_images expects pixels [B,3,{s},{s}], got {tuple(pixels.shape)}")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise ValueError(f"encode_images expects pixels [B,3,{s},{s}], got {_describe(pixels)}")
+        if not pixels.is_floating_point():
+            raise ValueError(f"encode_images expects float pixels (EvalTransform output), got {pixels.dtype}")
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
-        if tokens.dim() != 2 or tokens.shape[1] > self.context_length:
-            raise ValueError(f"encode_texts expects token ids [B,L<={self.context_length}], got {tuple(tokens.shape)}")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] > self.context_length:
+            raise ValueError(f"encode_texts expects token ids [B,L<={self.context_length}], got {_describe(tokens)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"encode_texts expects int64 token ids, got {tokens.dtype}")
+
+    def _empty_order(self) -> torch.Tensor | None:
+        return torch.zeros(0, self.num_tokens, dtype=torch.int64, device=self.device) if self.has_order else None
+
+    def encode_images_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, E] float32 embeddings, [B, T] int64 belief order or None), on :attr:`device`."""
+        self._check_pixels(pixels)
+        if pixels.shape[0] == 0:
+            return torch.zeros(0, self.embed_dim, device=self.device), self._empty_order()
+        parts = [self._run_image(c, self.has_order) for c in self._chunks(pixels)]
+        return _cat([p[0] for p in parts]), (_cat([p[1] for p in parts]) if self.has_order else None)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         self._check_pixels(pixels)
         if pixels.shape[0] == 0:
-            return torch.zeros(0, self.embed_dim)
-        return torch.cat([self._run_image(c) for c in self._chunks(pixels)])
+            return torch.zeros(0, self.embed_dim, device=self.device)
+        return _cat([self._run_image(c, False)[0] for c in self._chunks(pixels)])
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         self._check_tokens(tokens)
         if tokens.shape[0] == 0:
-            return torch.zeros(0, self.embed_dim)
-        return torch.cat([self._run_text(trim_tokens(c)) for c in self._chunks(tokens.long())])
+            return torch.zeros(0, self.embed_dim, device=self.device)
+        return _cat([self._run_text(trim_tokens(c)) for c in self._chunks(tokens.long())])
+
+    def _run_image(self, pixels: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def _run_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.precision} {self.export_dir}>"
 
 
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one chunk: hand back the runtime's own buffer
+
+
+def _describe(x) -> str:
+    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+# ------------------------------------------------------------------------------------------------- ONNX Runtime
+
+
+def check_providers(session, provider: str, where: str) -> None:
+    """Refuse a session whose first provider is not the one asked for.
+
+    ONNX Runtime does not fail when the CUDA provider cannot start (missing or mismatched CUDA/cuDNN libraries): it
+    logs a warning and hands back a CPU session, which would be timed and reported as "CUDA".
+    """
+    got = list(session.get_providers())
+    if not got or got[0] != provider:
+        import onnxruntime as ort
+
+        hint = (f"onnxruntime {ort.__version__} could not start its CUDA provider (usually the CUDA/cuDNN libraries "
+                "it was built for are missing or mismatched: import torch first, or call onnxruntime.preload_dlls() "
+                "where it exists, and check the ONNX Runtime warning above)") if provider == CUDA_EP else \
+            f"{provider} did not start"
+        raise PriorCLIPError(f"{where}: ONNX Runtime gave a session on {got or 'no provider'} instead of {provider}; "
+                             f"{hint}. Refusing to run it as a {provider} engine")
+
+
+def node_placement(session) -> dict[str, dict[str, int]] | None:
+    """Provider -> {op type: node count} after ONNX Runtime's partitioning, or None where this ORT cannot say
+    (needs ``session.record_ep_graph_assignment_info=1`` and ORT >= 1.23)."""
+    fn = getattr(session, "get_provider_graph_assignment_info", None)
+    if fn is None:
+        return None
+    try:
+        subgraphs = fn()
+    except Exception:  # noqa: BLE001 - recording not enabled, or an ORT without the feature
+        return None
+    out: dict[str, dict[str, int]] = {}
+    for sg in subgraphs:
+        counts = out.setdefault(sg.ep_name, {})
+        for node in sg.get_nodes():
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return out or None
+
+
+def check_placement(placement: dict[str, dict[str, int]] | None, provider: str, where: str) -> None:
+    """On an accelerator provider, refuse a partition that left compute ops (:data:`COMPUTE_OPS`) on the CPU."""
+    if not placement or provider == CPU_EP:
+        return
+    on_cpu = {op: n for op, n in placement.get(CPU_EP, {}).items() if op in COMPUTE_OPS}
+    if on_cpu:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(on_cpu.items()))
+        raise PriorCLIPError(f"{where}: ONNX Runtime placed compute nodes on the CPU ({ops}) because {provider} has "
+                             f"no kernel for them, so this would run as a CPU engine; export this graph for the GPU "
+                             f"target or use the CPU provider")
+
+
 class OnnxEngine(_Base):
-    """ONNX Runtime over ``image_encoder.onnx`` / ``text_encoder.onnx`` of the export."""
+    """ONNX Runtime over ``image_encoder.onnx`` / ``text_encoder.onnx`` of the export.
+
+    ``io_binding`` (default: on for CUDA) binds torch tensors as inputs and preallocated torch tensors as outputs
+    (``IOBinding`` + ``run_with_iobinding``) instead of passing numpy arrays; on CPU it is available for zero-copy
+    use and for tests, but ``session.run`` with numpy is the default there.
+    """
 
     def __init__(self, export_dir: Path, manifest: dict, device: str = "cpu", provider: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, io_binding: bool | None = None) -> None:
         super().__init__(export_dir, manifest)
         import onnxruntime as ort
 
         dev = torch.device(device)
         if provider is None:
-            provider = "CUDAExecutionProvider" if dev.type == "cuda" else "CPUExecutionProvider"
+            provider = CUDA_EP if dev.type == "cuda" else CPU_EP
         if provider not in ort.get_available_providers():
             raise PriorCLIPError(
                 f"ONNX Runtime provider {provider} is not available (have: {', '.join(ort.get_available_providers())})"
-                + ("; install onnxruntime-gpu" if provider == "CUDAExecutionProvider" else ""))
-        if provider == "CUDAExecutionProvider":
-            opts = {"device_id": dev.index or 0, "use_tf32": 0}
-            providers = [(provider, opts), "CPUExecutionProvider"]
-        else:
-            providers = [provider]
+                + ("; install onnxruntime-gpu" if provider == CUDA_EP else ""))
+        self.provider = provider
+        self._stream: _CudaStream | None = None
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        if provider == CUDA_EP:
+            self.device = _cuda_device(dev if dev.type == "cuda" else "cuda", "ONNX Runtime's CUDA provider")
+            self._stream = _CudaStream(self.device)
+            # TF32 off: fp32 means fp32. ORT runs on our stream so the caller's stream can be ordered around it.
+            opts = {"device_id": self.device.index, "use_tf32": 0, "has_user_compute_stream": 1,
+                    "user_compute_stream": str(self._stream.handle)}
+            providers = [(provider, opts), CPU_EP]  # CPU only for the shape arithmetic ORT puts there itself
+            so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+            self._ort_device = "cuda"
+        else:
+            self.device = torch.device("cpu")
+            providers = [provider]
+            self._ort_device = "cpu"
+        self._device_id = self.device.index or 0
+        self.io_binding = (provider == CUDA_EP) if io_binding is None else bool(io_binding)
+        if provider == CUDA_EP and not self.io_binding:
+            raise PriorCLIPError("the CUDA provider always runs with I/O binding (device tensors in and out)")
         files = manifest["files"]
-        self.image_session = ort.InferenceSession(str(self.export_dir / files["image"]), so, providers=providers)
-        self.text_session = ort.InferenceSession(str(self.export_dir / files["text"]), so, providers=providers)
-        self.provider = provider
-        self.name = "onnxruntime-" + ("cuda" if provider == "CUDAExecutionProvider" else
-                                      provider.removesuffix("ExecutionProvider").lower())
+        self.node_placement: dict[str, dict | None] = {}
+        self._outputs: dict[str, dict[str, torch.dtype]] = {}
+        sessions = {}
+        for tower in ("image", "text"):
+            path = self.export_dir / files[tower]
+            sess = ort.InferenceSession(str(path), so, providers=providers)
+            check_providers(sess, provider, path.name)
+            if hasattr(sess, "disable_fallback"):
+                sess.disable_fallback()  # an EP failure while running must raise, not silently rerun on the CPU
+            if provider != CPU_EP:
+                self.node_placement[tower] = node_placement(sess)
+                check_placement(self.node_placement[tower], provider, path.name)
+            outputs = {}
+            for o in sess.get_outputs():
+                if o.type not in _ORT_TYPES:
+                    raise PriorCLIPError(f"{path.name}: output {o.name!r} has type {o.type}, which priorclip "
+                                         "cannot bind")
+                outputs[o.name] = _ORT_TYPES[o.type]
+            has_order = check_io(path.name, tower, [i.name for i in sess.get_inputs()], outputs)
+            if tower == "image":
+                self.has_order = has_order  # the graph decides: exports older than the order output have none
+            self._outputs[tower] = outputs
+            sessions[tower] = sess
+        self.image_session, self.text_session = sessions["image"], sessions["text"]
+        short = "cuda" if provider == CUDA_EP else provider.removesuffix("ExecutionProvider").lower()
+        self.name = f"onnxruntime-{short}"
 
-    def _run_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.image_session.run(None, {IMAGE_INPUT: x})[0]).float()
+    def _widths(self, name: str) -> int:
+        return self.num_tokens if name == ORDER_OUTPUT else self.embed_dim
+
+    def _bound(self, session, tower: str, in_name: str, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        """Run with I/O binding: ``x`` (on :attr:`device`) in, preallocated tensors on :attr:`device` out."""
+        x = x.contiguous()
+        binding = session.io_binding()
+        binding.bind_input(in_name, self._ort_device, self._device_id, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+        outs = []
+        for name in names:  # only the outputs asked for are bound, so only those are computed
+            t = torch.empty(x.shape[0], self._widths(name), dtype=self._outputs[tower][name], device=self.device)
+            binding.bind_output(name, self._ort_device, self._device_id, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+            outs.append(t)
+        if self._stream is not None:
+            self._stream.begin()
+        session.run_with_iobinding(binding)
+        if self._stream is not None:
+            self._stream.end()
+        return outs
+
+    def _run(self, session, tower: str, in_name: str, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        if self.io_binding:
+            return self._bound(session, tower, in_name, x.to(self.device), names)
+        res = session.run(names, {in_name: x.detach().cpu().contiguous().numpy()})
+        return [torch.from_numpy(r) for r in res]
+
+    def _run_image(self, pixels: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        names = [OUTPUT, ORDER_OUTPUT] if with_order and self.has_order else [OUTPUT]
+        outs = self._run(self.image_session, "image", IMAGE_INPUT, pixels.detach().to(torch.float32), names)
+        return outs[0].float(), (outs[1].long() if len(outs) > 1 else None)
 
     def _run_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = tokens.detach().to("cpu", torch.int64).contiguous().numpy()
-        return torch.from_numpy(self.text_session.run(None, {TEXT_INPUT: x})[0]).float()
+        return self._run(self.text_session, "text", TEXT_INPUT, tokens.detach().to(torch.int64), [OUTPUT])[0].float()
+
+
+# ------------------------------------------------------------------------------------------------- AOTInductor
 
 
 class AotiEngine(_Base):
@@ -135,62 +368,105 @@ class AotiEngine(_Base):
         self._text = aoti_load_package(str(self.export_dir / files["text"]))
         self.name = f"aoti-{self.device.type}"
 
-    def _run_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _run_image(self, pixels: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.inference_mode():
-            return self._image(pixels.to(self.device, torch.float32).contiguous()).float().cpu()
+            out = self._image(pixels.to(self.device, torch.float32).contiguous())
+        if isinstance(out, (tuple, list)):  # (embeddings, belief_order) where the gate ranks
+            return out[0].float(), (out[1].long() if with_order and len(out) > 1 else None)
+        return out.float(), None
 
     def _run_text(self, tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self._text(tokens.to(self.device, torch.int64).contiguous()).float().cpu()
+            out = self._text(tokens.to(self.device, torch.int64).contiguous())
+        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+
+# ------------------------------------------------------------------------------------------------- TensorRT
 
 
 class TrtEngine(_Base):
-    """A serialised TensorRT plan per tower, run with torch CUDA tensors as I/O buffers."""
+    """A serialised TensorRT plan per tower, run with torch CUDA tensors as I/O buffers.
+
+    Names, modes and dtypes of the I/O tensors come from the engine itself (:func:`.tensorrt.engine_io`); every
+    output the plan has is bound (TensorRT requires it), ``belief_order`` only returned when asked for. Every
+    ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` result is checked.
+    """
 
     def __init__(self, export_dir: Path, manifest: dict, device: str = "cuda") -> None:
         super().__init__(export_dir, manifest)
-        from .tensorrt import import_tensorrt
+        from .tensorrt import engine_io, import_tensorrt
 
         trt = import_tensorrt()
-        if not torch.cuda.is_available():
-            raise PriorCLIPError("TensorRT engines need a CUDA device")
-        self.device = torch.device(device if torch.device(device).type == "cuda" else "cuda")
+        self.device = _cuda_device(device if torch.device(device).type == "cuda" else "cuda", "TensorRT")
+        self._stream = _CudaStream(self.device)
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         plans = manifest["tensorrt"]["engines"]
-        self._engines, self._contexts = {}, {}
+        self._profiles = manifest["tensorrt"].get("profiles", {})
+        self._engines, self._contexts, self._io = {}, {}, {}
         for tower in ("image", "text"):
             data = (self.export_dir / plans[tower]).read_bytes()
             eng = runtime.deserialize_cuda_engine(data)
             if eng is None:
                 raise PriorCLIPError(f"{plans[tower]}: TensorRT could not deserialise the plan (version mismatch?)")
-            self._engines[tower] = eng
-            self._contexts[tower] = eng.create_execution_context()
+            io = engine_io(trt, eng, plans[tower])
+            has_order = check_io(plans[tower], tower, [n for n, v in io.items() if v["mode"] == "input"],
+                                 {n: v["dtype"] for n, v in io.items() if v["mode"] == "output"})
+            if tower == "image":
+                self.has_order = has_order
+            ctx = eng.create_execution_context()
+            if ctx is None:
+                raise PriorCLIPError(f"{plans[tower]}: TensorRT could not create an execution context (out of memory?)")
+            self._engines[tower], self._contexts[tower], self._io[tower] = eng, ctx, io
         self.name = "tensorrt"
 
-    def _run(self, tower: str, x: torch.Tensor, in_name: str) -> torch.Tensor:
-        ctx = self._contexts[tower]
-        x = x.to(self.device).contiguous()
-        ctx.set_input_shape(in_name, tuple(x.shape))
-        out = torch.empty(x.shape[0], self.embed_dim, device=self.device, dtype=torch.float32)
-        ctx.set_tensor_address(in_name, x.data_ptr())
-        ctx.set_tensor_address("embeddings", out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
-        return out.cpu()
+    def _profile(self, tower: str, name: str) -> str:
+        p = self._profiles.get(tower, {}).get(name)
+        return f" (profile min {p['min']}, max {p['max']})" if p else ""
 
-    def _run_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run("image", pixels.float(), IMAGE_INPUT)
+    def _run(self, tower: str, x: torch.Tensor, in_name: str) -> dict[str, torch.Tensor]:
+        ctx, io = self._contexts[tower], self._io[tower]
+        x = x.to(self.device, io[in_name]["dtype"]).contiguous()
+        if x.data_ptr() % 256:  # TensorRT wants 256-byte aligned I/O; a row slice of a batch may not be
+            x = x.clone()
+        shape = tuple(x.shape)
+        if not ctx.set_input_shape(in_name, shape):
+            raise PriorCLIPError(f"TensorRT {tower} engine rejected input shape {list(shape)} for "
+                                 f"'{in_name}'{self._profile(tower, in_name)}")
+        if not ctx.set_tensor_address(in_name, x.data_ptr()):
+            raise PriorCLIPError(f"TensorRT {tower} engine refused the address of input '{in_name}'")
+        outs = {}
+        for name, spec in io.items():
+            if spec["mode"] != "output":
+                continue
+            out_shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if any(d < 0 for d in out_shape):
+                raise PriorCLIPError(f"TensorRT {tower} engine could not infer the shape of output '{name}' "
+                                     f"({list(out_shape)}) for input {list(shape)}")
+            t = torch.empty(out_shape, dtype=spec["dtype"], device=self.device)
+            if not ctx.set_tensor_address(name, t.data_ptr()):
+                raise PriorCLIPError(f"TensorRT {tower} engine refused the address of output '{name}'")
+            outs[name] = t
+        self._stream.begin()
+        ok = ctx.execute_async_v3(self._stream.handle)
+        self._stream.end()
+        if not ok:
+            raise PriorCLIPError(f"TensorRT {tower} engine failed to enqueue (see the TensorRT log above)")
+        return outs
+
+    def _run_image(self, pixels: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        outs = self._run("image", pixels.detach(), IMAGE_INPUT)
+        order = outs.get(ORDER_OUTPUT) if with_order else None
+        return outs[OUTPUT].float(), (None if order is None else order.long())
 
     def _run_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._run("text", tokens.long(), TEXT_INPUT)
+        return self._run("text", tokens.detach(), TEXT_INPUT)[OUTPUT].float()
 
 
 def open_engine(export_dir: str | Path, device: str = "cpu", provider: str | None = None, **kwargs):
-    """Open an export directory as an :class:`~priorclip.encoder.Encoder` (``.name``, ``.precision``, ``.metadata``)."""
+    """Open an export directory as an :class:`~priorclip.encoder.Encoder` (``.name``, ``.precision``, ``.metadata``,
+    ``.device``, ``encode_images_with_order``)."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     fmt = manifest.get("format")

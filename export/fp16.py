@@ -2,7 +2,12 @@
 
 Every node gets a precision. Ops in ``keep_ops`` and nodes whose module path (:func:`~.graph.node_scope`) matches a
 ``keep_patterns`` entry run in float32; all other float ops run in float16. Casts are inserted only where a tensor
-crosses between the two. Graph inputs and outputs stay float32, so an fp16 engine is a drop-in for the fp32 one.
+crosses between the two. Graph inputs and outputs stay float32, so an fp16 engine is a drop-in for the fp32 one;
+integer tensors and outputs (token ids, the ``belief_order`` output) are left exactly as exported.
+
+A Q/DQ graph (the int8 ``tensorrt`` layout of :mod:`.quantize`) converts too: each ``DequantizeLinear`` takes the
+precision of the ops it feeds and each ``QuantizeLinear`` that of its DQs, with fp16 scales, and the opset is raised
+to :data:`QDQ_FP16_OPSET`; the int8 GEMMs then read int8 -> fp16 and everything else is fp16 but the fp32 islands.
 
 Which ops stay in fp32 was decided by measurement (``benchmarks/results/export-fp16-blocklist-*.md``, written by
 ``python -m priorclip.export.report --study fp16``): see :data:`DEFAULT_KEEP_OPS` and :data:`DEFAULT_KEEP_PATTERNS`.
@@ -34,6 +39,10 @@ DEFAULT_KEEP_PATTERNS = ("visual.gate",)
 # Ops whose output type is fixed by an attribute or by integer inputs: left exactly as exported.
 _FIXED = {"Cast", "CastLike", "Constant", "ConstantOfShape", "Shape", "Size", "Range", "ArgMax", "ArgMin",
           "NonZero", "EyeLike"}
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+# Opset of an fp16 graph with Q/DQ: QuantizeLinear-19 / DequantizeLinear-19 are the first with fp16 inputs and scales
+# (an older opset would need a Cast around every Q/DQ, which TensorRT's strongly typed mode cannot fuse into the GEMM).
+QDQ_FP16_OPSET = 19
 
 
 def _to_fp16(a: np.ndarray) -> np.ndarray:
@@ -59,10 +68,24 @@ def convert_fp16(model: onnx.ModelProto, keep_ops: Iterable[str] = DEFAULT_KEEP_
     for n in g.node:
         if n.op_type in _FIXED:
             mode[id(n)] = None
+        elif n.op_type in _QDQ:
+            continue  # decided below, from the ops they feed
         elif n.op_type in keep_ops or _matches(node_scope(n), keep_patterns):
             mode[id(n)] = F32
         else:
             mode[id(n)] = F16
+    # Q/DQ take the precision of what they feed: a DQ is fp16 (its scale fp16, opset >= 19) when every consumer
+    # computes in fp16, so TensorRT sees int8 -> fp16 GEMM inputs; a Q follows its DQs. Their int8/int32 tensors
+    # and zero points are left alone.
+    for n in g.node:
+        if n.op_type == "DequantizeLinear":
+            cons = users.get(n.output[0], [])
+            mode[id(n)] = F16 if cons and n.output[0] not in outputs and all(
+                mode.get(id(c)) == F16 for c in cons) else F32
+    for n in g.node:
+        if n.op_type == "QuantizeLinear":
+            cons = users.get(n.output[0], [])
+            mode[id(n)] = F16 if cons and all(mode.get(id(c)) == F16 for c in cons) else F32
 
     def wants_fp32(name: str) -> bool:
         return name in outputs or any(mode[id(c)] in (F32, None) for c in users.get(name, []))
@@ -135,8 +158,15 @@ def convert_fp16(model: onnx.ModelProto, keep_ops: Iterable[str] = DEFAULT_KEEP_
     del g.node[:]
     g.node.extend(new_nodes)
     del g.value_info[:]  # stale types; re-inferred by the checker and the runtimes
+    n_qdq16 = sum(1 for n in new_nodes if n.op_type in _QDQ and mode.get(id(n)) == F16)
+    if n_qdq16:  # fp16 x / scales in QuantizeLinear / DequantizeLinear exist from opset 19 on
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx") and imp.version < QDQ_FP16_OPSET:
+                imp.version = QDQ_FP16_OPSET
     n16 = sum(1 for n in new_nodes if mode.get(id(n)) == F16)
     n32 = sum(1 for n in new_nodes if mode.get(id(n)) == F32)
     summary = {"fp16_nodes": n16, "fp32_nodes": n32, "casts_inserted": n_casts, "keep_ops": list(keep_ops),
                "keep_patterns": list(keep_patterns)}
+    if any(n.op_type in _QDQ for n in new_nodes):
+        summary["qdq_fp16_nodes"] = n_qdq16
     return model, summary

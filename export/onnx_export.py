@@ -14,6 +14,10 @@ Decisions, each checked by a test in ``tests/export``:
   then ``GatherND``, the reference's own pooling, so no second input can disagree with the tokens.
 * **Belief sort.** The reference gate (``priorclip.layers.gate``) builds the rank order from pairwise comparisons,
   not ``torch.sort``, so the graph has no TopK and ties go lower-index-first in every backend.
+* **Belief order output.** Where the gate ranks (a prior and the ``belief+rank`` formula) the image graph has a
+  second output ``belief_order [batch, T] int64`` (token index at each rank slot, T = ViT tokens: 50 for B/32),
+  the order the gate itself used, so parity checks can report rank flips of the engine, not of a re-derivation.
+  Plain CLIP and the ``2belief`` gate have one output. Engines request it only when asked.
 * **Fused kernels.** Export runs the model with the kernels' torch references (:func:`reference_kernels`).
 """
 
@@ -32,18 +36,35 @@ from .graph import check_model
 
 OPSET = 18
 IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "tokens", "embeddings"
+ORDER_OUTPUT = "belief_order"
 MIN_TEXT_LEN = 2  # SOT + EOT; also keeps torch.export from specialising the axis to 1
 
 
-class ImageEncoder(nn.Module):
-    """``pixels [B,3,S,S] float32 -> embeddings [B,E] float32``, L2-normalised (the reference ``encode_image``)."""
+def has_belief_order(model: nn.Module) -> bool:
+    """True when the model's gate ranks the beliefs (prior + ``belief+rank``), i.e. it has an order to export."""
+    from priorclip.config import GATE_BELIEF_PLUS_RANK
 
-    def __init__(self, model: nn.Module) -> None:
+    return bool(getattr(model, "has_prior", False)) and model.cfg.gate == GATE_BELIEF_PLUS_RANK
+
+
+def image_output_names(model: nn.Module) -> list[str]:
+    return [OUTPUT, ORDER_OUTPUT] if has_belief_order(model) else [OUTPUT]
+
+
+class ImageEncoder(nn.Module):
+    """``pixels [B,3,S,S] float32 -> embeddings [B,E] float32`` (L2-normalised, the reference ``encode_image``),
+    plus ``belief_order [B,T] int64`` where the model has a ranking gate (:func:`has_belief_order`)."""
+
+    def __init__(self, model: nn.Module, with_order: bool | None = None) -> None:
         super().__init__()
         self.model = model
+        self.with_order = has_belief_order(model) if with_order is None else with_order
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels).float()
+    def forward(self, pixels: torch.Tensor):
+        if not self.with_order:
+            return self.model.encode_image(pixels).float()
+        emb, order = self.model.encode_image_with_order(pixels)
+        return emb.float(), order
 
 
 class TextEncoder(nn.Module):
@@ -94,10 +115,15 @@ def io_spec(model: nn.Module, max_batch: int) -> dict:
     """Inputs and outputs of both graphs, as written into the manifest."""
     cfg = model.cfg
     s, ctx, e = cfg.vision.image_size, cfg.text.context_length, cfg.embed_dim
+    image_outputs = [{"name": OUTPUT, "dtype": "float32", "shape": ["batch", e], "l2_normalised": True}]
+    if has_belief_order(model):
+        image_outputs.append({"name": ORDER_OUTPUT, "dtype": "int64", "shape": ["batch", cfg.vision.num_tokens],
+                              "meaning": "token index at each rank slot of the gate's belief sort (ties lower "
+                                         "index first)"})
     return {
         "image": {
             "inputs": [{"name": IMAGE_INPUT, "dtype": "float32", "shape": ["batch", 3, s, s]}],
-            "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": ["batch", e], "l2_normalised": True}],
+            "outputs": image_outputs,
         },
         "text": {
             "inputs": [{"name": TEXT_INPUT, "dtype": "int64", "shape": ["batch", "length"]}],
@@ -109,7 +135,8 @@ def io_spec(model: nn.Module, max_batch: int) -> dict:
     }
 
 
-def _quiet_export(module: nn.Module, args: tuple, path: Path, input_name: str, dynamic: dict, opset: int) -> None:
+def _quiet_export(module: nn.Module, args: tuple, path: Path, input_name: str, dynamic: dict, opset: int,
+                  output_names: list[str]) -> None:
     buf = io.StringIO()
     # torch's own logging configuration gives its loggers explicit levels, so quieten each one, not just the parents.
     prefixes = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "onnxscript")
@@ -130,7 +157,7 @@ def _quiet_export(module: nn.Module, args: tuple, path: Path, input_name: str, d
                 dynamo=True,
                 opset_version=opset,
                 input_names=[input_name],
-                output_names=[OUTPUT],
+                output_names=output_names,
                 dynamic_shapes={input_name: dynamic},
                 external_data=True,
                 verbose=False,
@@ -153,10 +180,12 @@ def export_onnx_fp32(model: nn.Module, out_dir: Path, opset: int = OPSET, max_ba
     with reference_kernels(), torch.no_grad():
         if "image" in towers:
             paths["image"] = out_dir / "image_encoder.onnx"
-            _quiet_export(ImageEncoder(model), (pixels,), paths["image"], IMAGE_INPUT, {0: batch}, opset)
+            _quiet_export(ImageEncoder(model), (pixels,), paths["image"], IMAGE_INPUT, {0: batch}, opset,
+                          image_output_names(model))
         if "text" in towers:
             paths["text"] = out_dir / "text_encoder.onnx"
-            _quiet_export(TextEncoder(model), (tokens,), paths["text"], TEXT_INPUT, {0: batch, 1: length}, opset)
+            _quiet_export(TextEncoder(model), (tokens,), paths["text"], TEXT_INPUT, {0: batch, 1: length}, opset,
+                          [OUTPUT])
     for p in paths.values():
         check_model(p)
     return paths

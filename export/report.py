@@ -22,6 +22,8 @@ import click
 import torch
 
 from priorclip.cliutils import build_model, model_options, user_errors
+from priorclip.parity import min_images_for_dmr
+from priorclip.provenance import git_revision
 
 from .api import CalibrationSet, export_model, tool_versions
 from .engines import open_engine
@@ -32,14 +34,10 @@ NOTE_RANDOM = ("Random-init weights: recall is near chance and almost every scor
                "checkpoint exists.")
 
 
-def _spread(items, n):
-    if n <= 0 or n >= len(items):
-        return list(items)
-    return [items[round(i * (len(items) - 1) / max(n - 1, 1))] for i in range(n)]
-
-
 def _data(data_dir: Path, n_test: int, n_calib_images: int, n_calib_captions: int):
-    from priorclip.data import load_karpathy
+    """Held-out test set (class-spread subset, or the whole split for ``n_test`` 0) and a calibration set spread over
+    the train split's classes; generated scenes, labelled, when the folder holds no dataset."""
+    from priorclip.data import image_label, load_karpathy, spread
 
     if str(data_dir) == "synthetic" or not (data_dir / "dataset_rsicd_aid.json").is_file():
         from priorclip.synthetic import make_sample
@@ -48,13 +46,21 @@ def _data(data_dir: Path, n_test: int, n_calib_images: int, n_calib_captions: in
         j, imgs = make_sample(tmp / "test", min(n_test, 64) if n_test > 0 else 64, seed=1)
         jc, imgc = make_sample(tmp / "calib", 32, seed=2)
         calib_set = load_karpathy(jc, imgc)
-        return load_karpathy(j, imgs), CalibrationSet(calib_set.images, calib_set.captions,
-                                                      "generated scenes (priorclip.synthetic), seed 2")
+        test = load_karpathy(j, imgs)
+        test.selection = {"source": "GENERATED scenes (priorclip.synthetic, seed 1): no real dataset found"}
+        return test, CalibrationSet(calib_set.images, calib_set.captions,
+                                    "generated scenes (priorclip.synthetic), seed 2")
     js = data_dir / "dataset_rsicd_aid.json"
-    test = load_karpathy(js, data_dir / "images", "test").subset(n_test)
+    test = load_karpathy(js, data_dir / "images", "test")
+    if n_test > 0:
+        test = test.subset(n_test)
     train = load_karpathy(js, data_dir / "images", "train")
-    calib = CalibrationSet(_spread(train.images, n_calib_images), _spread(train.captions, n_calib_captions),
-                           f"{js} train split, {n_calib_images} images / {n_calib_captions} captions spread over it")
+    images = spread(train.images, train.labels, n_calib_images)
+    labels = train.labels  # a property that re-reads every path: once, not once per caption (minutes on AID)
+    captions = spread(train.captions, [labels[i] for i in train.caption_image], n_calib_captions)
+    n_cls = len({image_label(p) for p in images})
+    calib = CalibrationSet(images, captions, f"{js} train split, {len(images)} images over {n_cls} classes / "
+                           f"{len(captions)} captions, class-spread (seed 0)")
     return test, calib
 
 
@@ -100,7 +106,8 @@ def run_matrix(model, test, calib, device: str, variants: list[tuple[str, str, s
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder with dataset_rsicd_aid.json and images/ (../shared/data/aid-rsicd), or 'synthetic' "
               "(generated scenes; also the fallback when the folder is absent).")
-@click.option("--n-test", type=int, default=256, show_default=True, help="First N test images (with captions).")
+@click.option("--n-test", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Test images, class-spread (0 = the whole split: 1,027 on AID/RSICD, enough for every ΔmR verdict).")
 @click.option("--n-calib-images", type=int, default=256, show_default=True)
 @click.option("--n-calib-captions", type=int, default=1024, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -126,9 +133,10 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
         "engine_device": device,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m priorclip.export.report", *(shlex.quote(a) for a in sys.argv[1:])]),
+        "revision": git_revision(),
         "versions": tool_versions(),
         "held_out": f"{data_dir.name if (data_dir / 'dataset_rsicd_aid.json').is_file() else 'synthetic'} test split: "
-                    f"first {len(test.images)} images, {len(test.captions)} captions",
+                    f"{test.describe()['coverage']}, {len(test.captions)} captions",
         "calibration": calib.source,
         "tolerances": {k: vars(v) for k, v in TOLERANCES.items()},
         "note": NOTE_RANDOM if not checkpoint else "",
@@ -156,7 +164,8 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
     md = [f"# {title}\n"]
     md += [f"- {k}: {v}" for k, v in head.items() if k not in ("versions", "tolerances") and v]
     md.append(f"- versions: " + ", ".join(f"{k} {v}" for k, v in head["versions"].items() if v))
-    md.append("- tolerances: " + "; ".join(f"{k}: cosine >= {v.min_cosine}, |ΔmR| <= {v.max_abs_delta_mR}"
+    md.append("- tolerances: " + "; ".join(f"{k}: cosine >= {v.min_cosine}, |ΔmR| <= {v.max_abs_delta_mR} "
+                                          f"(judged from {min_images_for_dmr(k)} images)"
                                           for k, v in TOLERANCES.items()))
     md += ["", "## Parity with the fp32 PyTorch reference", "", format_parity_table(reports),
            "## Recall (percent) of reference and engine", "", format_recall_table(reports)]

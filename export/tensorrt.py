@@ -78,7 +78,12 @@ def configure_builder(trt, builder, shapes: dict, timing_cache: bytes = b"", wor
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # set_timing_cache returns False for a cache from another TensorRT version or device (ignore_mismatch=False):
+    # building on without it would silently re-time every tactic and write a cache nobody asked for.
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        what = "an empty timing cache" if not timing_cache else f"the {len(timing_cache)}-byte timing cache"
+        raise PriorCLIPError(f"TensorRT rejected {what} (made by another TensorRT version or GPU?); delete "
+                             "timing.cache in the output folder and export again")
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
@@ -108,3 +113,32 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict, tim
     timing_cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     return {"plan": plan_path.name, "build_seconds": round(time.perf_counter() - t0, 2),
             "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in shapes.items()}}
+
+
+def torch_dtypes(trt) -> dict:
+    """TensorRT ``DataType`` -> torch dtype, for the types an engine's I/O may have (members this version lacks
+    are skipped)."""
+    import torch
+
+    pairs = (("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16), ("INT32", torch.int32),
+             ("INT64", torch.int64), ("INT8", torch.int8), ("UINT8", torch.uint8), ("BOOL", torch.bool))
+    return {getattr(trt.DataType, n): t for n, t in pairs if hasattr(trt.DataType, n)}
+
+
+def engine_io(trt, engine, where: str = "TensorRT engine") -> dict[str, dict]:
+    """The engine's own I/O tensors: name -> {"mode": "input"|"output", "dtype": torch dtype, "shape": tuple}
+    (-1 for dynamic axes), read with ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode`` /
+    ``get_tensor_dtype`` / ``get_tensor_shape`` rather than assumed from the ONNX."""
+    dtypes = torch_dtypes(trt)
+    modes = {trt.TensorIOMode.INPUT: "input", trt.TensorIOMode.OUTPUT: "output"}
+    out: dict[str, dict] = {}
+    for i in range(int(engine.num_io_tensors)):
+        name = engine.get_tensor_name(i)
+        mode = modes.get(engine.get_tensor_mode(name))
+        if mode is None:
+            continue
+        dt = engine.get_tensor_dtype(name)
+        if dt not in dtypes:
+            raise PriorCLIPError(f"{where}: I/O tensor {name!r} has TensorRT type {dt}, which priorclip cannot bind")
+        out[name] = {"mode": mode, "dtype": dtypes[dt], "shape": tuple(int(d) for d in engine.get_tensor_shape(name))}
+    return out

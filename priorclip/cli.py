@@ -175,7 +175,7 @@ def _run_eval(enc, dataset, batch_size, workers, label: str, extra: dict, out_js
 @click.option("--dataset", "dataset_json", required=True, type=click.Path(path_type=Path), help="Karpathy-style dataset JSON (e.g. dataset_rsicd.json).")
 @click.option("--images", "image_root", required=True, type=click.Path(path_type=Path), help="Folder the JSON's file names are relative to.")
 @click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images (sorted by name) and their captions.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only N images spread over the scene classes (seeded; files sort by class, so never the first N) and their captions.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch (the reference uses 64).")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Image decoding threads.")
 @click.option("--out", "out_json", type=click.Path(path_type=Path), help="Write the metrics and run details as JSON.")
@@ -196,6 +196,7 @@ def eval_cmd(model_name, checkpoint, gate, dataset_json, image_root, split, limi
     extra = {
         "dataset": str(dataset_json),
         "split": split,
+        "images_evaluated": dataset.describe()["coverage"],
         "checkpoint": str(checkpoint) if checkpoint else None,
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
     }

@@ -143,3 +143,23 @@ def ensure_writable_dir(path: str | Path) -> Path:
     except OSError as e:
         raise PriorCLIPError(f"output folder {path} is not writable: {e.strerror or e}") from None
     return path
+
+
+def image_count(minimum: int = 1) -> Callable:
+    """Click callback for an ``N|all`` option: None stays None (the command's default), ``all`` is 0 (the whole
+    split), anything else an integer >= ``minimum``."""
+
+    def parse(ctx, param, value: str | None) -> int | None:
+        if value is None:
+            return None
+        if value.strip().lower() == "all":
+            return 0
+        try:
+            n = int(value)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise click.BadParameter(f"expected an integer >= {minimum} or 'all', got {value!r}")
+        return n
+
+    return parse

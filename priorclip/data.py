@@ -8,8 +8,12 @@ deduplicated and sorted by file name (``np.unique``), each image's ``raw`` sente
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -24,6 +28,7 @@ class RetrievalSet:
     images: list[Path]
     captions: list[str]
     caption_image: np.ndarray  # [N_txt] int64: index into ``images``
+    selection: dict | None = field(default=None, compare=False)  # how a subset was drawn (see :meth:`subset`)
 
     def __post_init__(self) -> None:
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
@@ -36,15 +41,86 @@ class RetrievalSet:
         if len(np.unique(self.caption_image)) != len(self.images):
             raise DataError("every image needs at least one caption")
 
-    @property
+    @cached_property  # computed once: callers index it per caption
     def labels(self) -> list[str]:
         """Scene class of each image: the file name up to the first underscore (the reference's affiliation label)."""
-        return [p.name.split("_", 1)[0] for p in self.images]
+        return [image_label(p) for p in self.images]
 
-    def subset(self, n_images: int) -> RetrievalSet:
-        """The first ``n_images`` images with their captions (for quick runs)."""
-        keep = self.caption_image < n_images
-        return RetrievalSet(self.images[:n_images], [c for c, k in zip(self.captions, keep) if k], self.caption_image[keep])
+    def subset(self, n_images: int, seed: int = 0) -> RetrievalSet:
+        """``n_images`` images spread over the scene classes (:func:`spread_indices`), with their captions.
+
+        Never "the first N": dataset files sort by class, so the first 32 AID/RSICD test images are all airports.
+        The kept images stay in dataset order; ``selection`` records how they were drawn.
+        """
+        if n_images >= len(self.images):
+            return self
+        keep = spread_indices(self.labels, n_images, seed)
+        new_index = np.full(len(self.images), -1, dtype=np.int64)
+        new_index[keep] = np.arange(len(keep))
+        mask = new_index[self.caption_image] >= 0
+        selection = {"method": "class-spread", "seed": seed, "from_images": len(self.images),
+                     "from_classes": len(set(self.labels))}
+        return RetrievalSet([self.images[i] for i in keep], [c for c, k in zip(self.captions, mask) if k],
+                            new_index[self.caption_image[mask]], selection)
+
+    def describe(self) -> dict:
+        """Size and class coverage, as reports state them."""
+        return describe_selection(self.labels, n_captions=len(self.captions), selection=self.selection)
+
+
+def spread_indices(labels: Sequence[str], n: int, seed: int = 0) -> list[int]:
+    """Indices of ``n`` items spread evenly over the classes in ``labels``, deterministic for a ``seed``.
+
+    Classes take turns (in a seeded order), each giving its next item from a seeded shuffle of its own, so every class
+    gets ``n // n_classes`` or one more (fewer only when it runs out). Returned in ascending order.
+    """
+    if n >= len(labels):
+        return list(range(len(labels)))
+    if n <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        groups.setdefault(lab, []).append(i)
+    classes = sorted(groups)
+    queues = [list(rng.permutation(groups[c])) for c in classes]
+    turn = [queues[i] for i in rng.permutation(len(classes))]
+    picked: list[int] = []
+    while len(picked) < n:
+        for q in turn:
+            if q and len(picked) < n:
+                picked.append(int(q.pop(0)))
+        turn = [q for q in turn if q]
+    return sorted(picked)
+
+
+def spread(items: Sequence, labels: Sequence[str], n: int, seed: int = 0) -> list:
+    """``n`` of ``items`` spread over their ``labels`` (all of them when ``n`` is 0 or at least their number)."""
+    if n <= 0:
+        return list(items)
+    return [items[i] for i in spread_indices(labels, n, seed)]
+
+
+def describe_selection(labels: Sequence[str], n_captions: int | None = None, selection: dict | None = None) -> dict:
+    """``{"n_images", "n_captions", "n_classes", "per_class_min", "per_class_max", "coverage", ...}`` of a set."""
+    counts = Counter(labels)
+    out = {"n_images": len(labels), "n_classes": len(counts),
+           "per_class_min": min(counts.values(), default=0), "per_class_max": max(counts.values(), default=0)}
+    if n_captions is not None:
+        out["n_captions"] = n_captions
+    if selection:
+        out["selection"] = dict(selection)
+    of = f" of {selection['from_classes']}" if selection and "from_classes" in selection else ""
+    out["coverage"] = (f"{len(labels)} images over {len(counts)}{of} classes "
+                       f"({out['per_class_min']}-{out['per_class_max']} per class)"
+                       + (f", drawn class-spread (seed {selection['seed']}) from {selection['from_images']}"
+                          if selection and selection.get("method") == "class-spread" else ""))
+    return out
+
+
+def image_label(path: str | Path) -> str:
+    """Scene class of an image file: its name up to the first underscore (the reference's affiliation label)."""
+    return Path(path).name.split("_", 1)[0]
 
 
 def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "test", check_files: bool = True) -> RetrievalSet:
@@ -78,6 +154,42 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
     captions = [c for n in names for c in grouped[n]]
     owner = [i for i, n in enumerate(names) for _ in grouped[n]]
     return RetrievalSet(paths, captions, np.array(owner))
+
+
+# Where a real retrieval dataset is looked for when none is named: $PRIORCLIP_DATASET first, then the folders this
+# project's machines use (relative to the working directory). Parity, recall and calibration default to it, so a
+# verdict rests on real images whenever they are reachable; generated scenes are the labelled fallback.
+DATASET_ENV = "PRIORCLIP_DATASET"
+DEFAULT_DATASET_DIRS = ("../shared/data/aid-rsicd", "shared/data/aid-rsicd", ".bench-data/aid-rsicd",
+                        "/tmp/data/aid-rsicd")
+
+
+def resolve_dataset(path: str | Path, images: str | Path | None = None) -> tuple[Path, Path]:
+    """(dataset JSON, image folder) from a Karpathy JSON or a folder holding exactly one JSON and ``images/``."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.json"))
+        if len(found) != 1:
+            raise DataError(f"{path}: expected one Karpathy-style JSON in the folder, found {len(found)}")
+        return found[0], Path(images) if images else path / "images"
+    if not path.is_file():
+        raise DataError(f"dataset not found: {path}")
+    return path, Path(images) if images else path.parent / "images"
+
+
+def default_dataset() -> tuple[Path, Path] | None:
+    """The real dataset to use when none is named (``$PRIORCLIP_DATASET``, then :data:`DEFAULT_DATASET_DIRS`)."""
+    env = os.environ.get(DATASET_ENV)
+    for cand in ([env] if env else []) + list(DEFAULT_DATASET_DIRS):
+        try:
+            json_path, images = resolve_dataset(cand)
+        except DataError:
+            if cand == env:
+                raise DataError(f"${DATASET_ENV}={env}: not a Karpathy JSON or a folder holding one") from None
+            continue
+        if images.is_dir():
+            return json_path, images
+    return None
 
 
 def read_karpathy_entries(json_path: Path, image_root: Path) -> list[dict]:

@@ -25,6 +25,14 @@ class Encoder(Protocol):
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
+def encode_images_with_order(encoder: Encoder, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Embeddings and, where the encoder exposes it (``encode_images_with_order``), the belief order; else None."""
+    fn = getattr(encoder, "encode_images_with_order", None)
+    if fn is None:
+        return encoder.encode_images(pixels), None
+    return fn(pixels)
+
+
 class TorchEncoder:
     """Eager PyTorch encoder. ``dtype`` float32 is the reference path; float16/bfloat16 run under autocast."""
 
@@ -45,6 +53,13 @@ class TorchEncoder:
         with self._autocast():
             out = self.model.encode_image(pixels.to(self.device, torch.float32))
         return out.float()
+
+    @torch.inference_mode()
+    def encode_images_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings and the gate's belief order [B, T] (``None`` where the model has no ranking gate)."""
+        with self._autocast():
+            out, order = self.model.encode_image_with_order(pixels.to(self.device, torch.float32))
+        return out.float(), order
 
     @torch.inference_mode()
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from priorclip.data import RetrievalSet
-from priorclip.encoder import Encoder
+from priorclip.encoder import Encoder, encode_images_with_order
 from priorclip.tokenizer import get_tokenizer
 from priorclip.transforms import EvalTransform, open_image
 
@@ -96,6 +96,20 @@ def embed_images(encoder: Encoder, paths: Sequence, batch_size: int = 64, progre
             chunks.append(encoder.encode_images(pixels).cpu())
             bar.update(len(pixels))
     return torch.cat(chunks)
+
+
+def embed_images_with_orders(encoder: Encoder, paths: Sequence, batch_size: int = 64, progress: bool = True,
+                             workers: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image embeddings [N, E] and belief orders [N, T] (None where the encoder does not expose them)."""
+    embs, orders = [], []
+    with tqdm(total=len(paths), desc="images", unit="img", disable=not progress) as bar:
+        for pixels in iter_image_batches(paths, encoder.image_size, batch_size, workers):
+            emb, order = encode_images_with_order(encoder, pixels)
+            embs.append(emb.float().cpu())
+            orders.append(None if order is None else order.long().cpu())
+            bar.update(len(pixels))
+    have = [o is not None for o in orders]
+    return torch.cat(embs), (torch.cat(orders) if all(have) and have else None)
 
 
 def embed_texts(encoder: Encoder, captions: Sequence[str], batch_size: int = 256, progress: bool = True) -> torch.Tensor:

@@ -4,6 +4,11 @@ An :class:`Engine` is a :class:`priorclip.encoder.Encoder` (``encode_images`` / 
 L2-normalised float32 embeddings ``[B, E]``) plus ``name``, ``backend``, ``precision``, ``device`` and
 :meth:`Engine.metadata`, so what is benchmarked is exactly what is served.
 
+Output contract: every backend returns its embeddings as torch tensors **on its own device** (``engine.device``;
+on CUDA no engine copies to the host per call, so every backend is timed device tensor in, device tensor out);
+callers that need host data call ``.cpu()``. ``encode_images_with_order`` returns ``(embeddings, belief order
+[B, T] int64 | None)``, the order the gate used (None for models without a ranking gate).
+
 Backends (:data:`BACKENDS`):
 
 =================  =====================================================================================
@@ -100,25 +105,46 @@ class Engine:
     def __repr__(self) -> str:
         return f"Engine({self.name} on {self.device})"
 
-    def _bucketed(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def _bucketed(self, fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+        """``fn(x)`` through the batch buckets; ``fn`` returns a tensor or a tuple of tensors (or None) by row."""
         if not self.batch_buckets or x.shape[0] in self.batch_buckets:
             return fn(x)
         n, top = x.shape[0], self.batch_buckets[-1]
         if n > top:  # split at the largest bucket
-            return torch.cat([self._bucketed(fn, x[s : s + top]) for s in range(0, n, top)])
+            return _cat_rows([self._bucketed(fn, x[s : s + top]) for s in range(0, n, top)])
         size = next(b for b in self.batch_buckets if b >= n)
         pad = x[-1:].expand(size - n, *x.shape[1:])  # repeat a real row: padding never changes other rows
-        return fn(torch.cat([x, pad]))[:n]
+        return _head_rows(fn(torch.cat([x, pad])), n)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] float32 normalised pixels -> [B, E] float32 L2-normalised embeddings."""
+        """[B, 3, S, S] float32 normalised pixels -> [B, E] float32 L2-normalised embeddings on :attr:`device`."""
         return self._bucketed(self.inner.encode_images, pixels)
+
+    def encode_images_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Embeddings and the gate's belief order [B, T] int64 (None where the backend or the model has none)."""
+        fn = getattr(self.inner, "encode_images_with_order", None)
+        if fn is None:
+            return self.encode_images(pixels), None
+        return self._bucketed(fn, pixels)
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, L<=context] int64 token ids -> [B, E] float32 L2-normalised embeddings."""
         if self.fixed_text_length and tokens.shape[1] < self.context_length:
             tokens = torch.nn.functional.pad(tokens, (0, self.context_length - tokens.shape[1]))
         return self._bucketed(self.inner.encode_texts, tokens)
+
+
+def _cat_rows(parts: list) -> Any:
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return tuple(None if any(p[i] is None for p in parts) else torch.cat([p[i] for p in parts])
+                 for i in range(len(parts[0])))
+
+
+def _head_rows(out: Any, n: int) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out[:n]
+    return tuple(None if o is None else o[:n] for o in out)
 
 
 # --------------------------------------------------------------------------------------------------- torch-compile
@@ -130,6 +156,8 @@ class CompiledTorchEncoder:
     On CUDA the default mode is ``max-autotune`` (Triton GEMM autotuning plus CUDA graphs); CUDA-graph outputs live in
     a static pool that the next replay overwrites, so they are cloned before they are returned. Texts always run at
     the full context length: the model's data-dependent trim is skipped while compiling (``PriorCLIP.encode_text``).
+    One image function returns embeddings *and* belief order, so ``encode_images`` and ``encode_images_with_order``
+    (a parity pass) share one compiled graph per batch size instead of compiling twice.
     """
 
     def __init__(
@@ -150,9 +178,10 @@ class CompiledTorchEncoder:
             (lambda: nullcontext()) if dtype == torch.float32 else (lambda: torch.autocast(device.type, dtype=dtype))
         )
 
-        def image(pixels: torch.Tensor) -> torch.Tensor:
+        def image(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             with autocast():
-                return self.model.encode_image(pixels).float()
+                emb, order = self.model.encode_image_with_order(pixels)
+                return emb.float(), order
 
         def text(tokens: torch.Tensor) -> torch.Tensor:
             with autocast():
@@ -164,15 +193,22 @@ class CompiledTorchEncoder:
         self._image = torch.compile(image, **kw)
         self._text = torch.compile(text, **kw)
 
-    def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn, x: torch.Tensor) -> Any:
         with torch.inference_mode():
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             out = fn(x)
-            return out.clone() if self.cudagraphs else out
+            if not self.cudagraphs:
+                return out
+            if isinstance(out, torch.Tensor):
+                return out.clone()
+            return tuple(None if o is None else o.clone() for o in out)
+
+    def encode_images_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._run(self._image, pixels.to(self.device, torch.float32))
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self._run(self._image, pixels.to(self.device, torch.float32))
+        return self.encode_images_with_order(pixels)[0]
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._run(self._text, tokens.to(self.device))
@@ -292,6 +328,9 @@ def _build_exported(
     calib=None,
     provider: str | None = None,
     max_batch: int = 256,
+    parity_set=None,
+    reference_embeddings=None,
+    int8_target: str | None = None,
     **_: Any,
 ) -> Engine:
     api = _export_api()
@@ -302,6 +341,8 @@ def _build_exported(
         raise PriorCLIPError(f"{backend} int8 needs calibration data (calib=RetrievalSet)")
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="priorclip-engines-"))
     out_dir = root / f"{fmt}-{precision}"
+    # force=False: an export outside its precision's tolerance raises ExportError ("parity outside the ...
+    # tolerance") and is never benchmarked as if it were fine. Without a parity_set no verdict is made.
     result = export_model(
         model,
         out_dir,
@@ -309,24 +350,36 @@ def _build_exported(
         precision=precision,
         calib=calib,
         max_batch=max_batch,
-        force=True,
+        force=False,
         progress=False,
         device=device.type,
+        parity_set=parity_set,
+        reference_embeddings=reference_embeddings,
+        int8_target=int8_target,
     )
     inner = open_engine(result.out_dir, device=str(device), provider=provider)
     manifest = getattr(inner, "metadata", None) or {}
-    info = {"export_dir": str(result.out_dir), "format": fmt, "export_engine": getattr(inner, "name", None)}
+    info = {"export_dir": str(result.out_dir), "format": fmt, "export_engine": getattr(inner, "name", None),
+            "export_parity": result.parity}
+    if getattr(inner, "node_placement", None):
+        info["node_placement"] = inner.node_placement  # ONNX Runtime: provider -> op counts after partitioning
     for key in ("opset", "precision", "io"):
         if key in manifest:
             info[f"export_{key}"] = manifest[key]
     if provider:
         info["provider"] = provider
+    if precision == "int8":
+        info["int8_target"] = result.manifest.get("calibration", {}).get("target", int8_target)
     # exported graphs take a dynamic text length; the engines cut token batches to the longest caption, as eager does
     return Engine(inner, backend, precision, device, fixed_text_length=False, info=info)
 
 
 def _build_ort(model, precision, device, provider=None, **kw) -> Engine:
     provider = provider or ("CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider")
+    # INT8 layout for the provider that runs it: ONNX Runtime's CPU fusions (QLinearConv, MatMulIntegerToFloat) need
+    # the ort-cpu layout; the CUDA provider has no such kernels, so it gets the symmetric Q/DQ-on-fp16 layout (the
+    # one TensorRT consumes), which runs wholly on the GPU.
+    kw.setdefault("int8_target", "ort-cpu" if provider == "CPUExecutionProvider" else "tensorrt")
     return _build_exported("onnx", "onnxruntime", model, precision, device, provider=provider, **kw)
 
 
@@ -407,6 +460,8 @@ def create_engine(
     device: str | torch.device = "cpu",
     workdir: str | Path | None = None,
     calib=None,
+    parity_set=None,
+    reference_embeddings=None,
     **options: Any,
 ) -> Engine:
     """Build an :class:`Engine` of ``backend`` for ``model`` at ``precision`` on ``device``.
@@ -417,11 +472,16 @@ def create_engine(
         precision: fp32, fp16, bf16 or int8, as the backend supports on that device.
         workdir: where exporting backends write their artefacts (default: a fresh temporary folder).
         calib: a :class:`~priorclip.data.RetrievalSet` for int8 calibration.
+        parity_set, reference_embeddings: exporting backends (onnxruntime, aoti, tensorrt) check their export on
+            this held-out :class:`~priorclip.data.RetrievalSet` against the fp32 reference (``reference_embeddings``
+            = cached (image, text, belief order) of that set, else computed); the report is in
+            ``engine.info["export_parity"]``. Other backends ignore both.
         options: backend options: ``compile_mode`` and ``batch_buckets`` (torch-compile), ``provider`` (onnxruntime),
             ``max_batch`` (exporters).
 
     Raises:
         PriorCLIPError: unknown backend, a precision it does not support, or a backend that cannot run here.
+        priorclip.export.api.ExportError: an exporting backend's parity is outside its precision's tolerance.
     """
     b = get_backend(backend)
     dev = torch.device(device)
@@ -432,4 +492,5 @@ def create_engine(
         raise PriorCLIPError(
             f"backend {backend} does not run {precision} on {dev.type} (it runs: {', '.join(b.precisions[dev.type])})"
         )
-    return b.build(model, precision, dev, workdir=workdir, calib=calib, **options)
+    return b.build(model, precision, dev, workdir=workdir, calib=calib, parity_set=parity_set,
+                   reference_embeddings=reference_embeddings, **options)

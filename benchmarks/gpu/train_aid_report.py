@@ -4,6 +4,8 @@
 
 ``--runs`` holds one folder per phase (prior/, priorclip/, noaff/, clip/, randprior/), each with its
 ``summary.json`` (``prior_summary.json`` for the prior) and ``metrics.jsonl``; phases that have not run are left out.
+Parity on the trained weights (``parity/trained-parity.json``, ``int8/trained-parity-int8.json`` from
+``trained_parity.py``) is summarised when present.
 """
 
 from __future__ import annotations
@@ -61,6 +63,22 @@ def collect(runs: Path) -> dict:
             "train": [(m["step"], m["loss"], m.get("contrastive"), m.get("affiliation")) for m in metrics if m["type"] == "train"],
             "val": [(m["epoch"], m["step"], m["mR"]) for m in metrics if m["type"] == "val"],
         }
+    parity = {}
+    for f in (runs / "parity" / "trained-parity.json", runs / "int8" / "trained-parity-int8.json"):
+        if f.is_file():
+            doc = json.loads(f.read_text())
+            for name, r in doc.get("reports", {}).items():
+                flips = r.get("belief_order") or {}
+                parity[name] = {"passed": r.get("passed"), "failures": r.get("failures"), "notes": r.get("notes"),
+                                "image_cosine_min": r["image"]["cosine_min"], "text_cosine_min": r["text"]["cosine_min"],
+                                "rank_flips": flips.get("flipped"), "n_images": r.get("n_images"),
+                                "dmr": r["recall_delta"]["mR"], "mR_reference": r["recall_reference"]["mR"],
+                                "dmr_judged": (r.get("tolerance") or {}).get("dmr_judged"),
+                                "coverage": (r.get("dataset") or {}).get("coverage"), "device": doc.get("device")}
+            for name, err in doc.get("errors", {}).items():
+                parity[name] = {"passed": False, "failures": [f"could not run: {err}"]}
+    if parity:
+        report["parity"] = parity
     devices = {r["device"] for r in report["runs"].values()} | ({report["prior"]["device"]} if "prior" in report else set())
     report["device"] = ", ".join(sorted(d for d in devices if d))
     return report
@@ -105,6 +123,22 @@ def markdown(rep: dict) -> str:
                   "waiting for the loader.", ""]
         for name, r in rep["runs"].items():
             lines.append(f"- {name}: global batch {r['global_batch']}, {r['precision']}, torch {r['torch']}, {r['date']}: `{r['command']}`")
+    if rep.get("parity"):
+        lines += ["", "## Reduced precision on the trained PriorCLIP weights (against fp32 eager, TF32 off)", "",
+                  "| engine | images | img cos min | txt cos min | rank flips | mR ref | ΔmR | verdict |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for name, p in rep["parity"].items():
+            if "image_cosine_min" not in p:
+                lines.append(f"| {name} | - | - | - | - | - | - | **FAIL**: {'; '.join(p['failures'])} |")
+                continue
+            dmr = f"{p['dmr']:+.3f}" + ("" if p.get("dmr_judged", True) else " (not judged)")
+            verdict = "PASS" if p["passed"] else "**FAIL**: " + "; ".join(p["failures"])
+            lines.append(f"| {name} | {p['n_images']} | {p['image_cosine_min']:.6f} | {p['text_cosine_min']:.6f} | "
+                         f"{p['rank_flips'] if p['rank_flips'] is not None else '-'} | {p['mR_reference']:.2f} | {dmr} | "
+                         f"{verdict} |")
+        first = next(iter(rep["parity"].values()))
+        if first.get("coverage"):
+            lines += ["", f"Set: {first['coverage']}; device {first.get('device')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     rep = collect(a.runs)
     rep["note"] = a.note
-    if not rep["runs"] and "prior" not in rep:
+    if not rep["runs"] and "prior" not in rep and "parity" not in rep:
         print(f"Error: no phase results under {a.runs}", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)

@@ -38,22 +38,27 @@ def descending_order(v: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(rank).scatter(1, rank, idx.expand_as(rank))  # order[b, r] = token with rank r
 
 
-def belief_gate(x: torch.Tensor, y: torch.Tensor, variant: str = GATE_BELIEF_PLUS_RANK) -> torch.Tensor:
+def belief_gate(x: torch.Tensor, y: torch.Tensor, variant: str = GATE_BELIEF_PLUS_RANK,
+                return_order: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Gate and token-axis-normalise the ViT stem tokens with the prior token.
 
     Args:
         x: stem tokens after ``ln_pre``, [B, T, D].
         y: projected prior token, [B, 1, D].
         variant: ``"belief+rank"`` (current reference code) or ``"2belief"`` (before 2024-10-16).
+        return_order: also return the belief order [B, T] int64 (token index at each rank slot; ``None`` for
+            ``"2belief"``, whose gate does not depend on it), for parity checks' rank-flip rate.
 
     Returns:
-        The gated, L2-normalised (over tokens) tokens, [B, T, D], float32 (float64 for float64 inputs).
+        The gated, L2-normalised (over tokens) tokens, [B, T, D], float32 (float64 for float64 inputs); with
+        ``return_order``, the pair (tokens, order).
     """
     if x.dim() != 3 or y.dim() != 3 or y.shape[1] != 1 or y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]:
         raise ValueError(f"belief_gate expects x [B,T,D] and y [B,1,D], got {tuple(x.shape)} and {tuple(y.shape)}")
     ct = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for a float64 model
     s = torch.matmul(x, y.to(x.dtype).transpose(1, 2)).squeeze(-1)  # [B, T]
     belief = torch.softmax(s.to(ct), dim=1)  # [B, T]
+    order = None
     if variant == GATE_BELIEF_PLUS_RANK:
         order = descending_order(belief)  # [B, T]: token index at each rank slot
         w = 1.0 / torch.sqrt((order + 1).to(ct))  # [B, T], indexed by slot, applied by position
@@ -63,4 +68,5 @@ def belief_gate(x: torch.Tensor, y: torch.Tensor, variant: str = GATE_BELIEF_PLU
     else:
         raise ValueError(f"unknown gate variant {variant!r}")
     gated = x.to(ct) * g.unsqueeze(-1)  # [B, T, D]
-    return F.normalize(gated, p=2.0, dim=1, eps=1e-12)  # over the token axis, as the reference does
+    out = F.normalize(gated, p=2.0, dim=1, eps=1e-12)  # over the token axis, as the reference does
+    return (out, order) if return_order else out

@@ -45,19 +45,22 @@ class VisionTransformer(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, T, D]
         return self.ln_pre(x)
 
-    def forward(self, pixels: torch.Tensor, prior_token: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled image features [B, output_dim] (not normalised).
+    def forward(self, pixels: torch.Tensor, prior_token: torch.Tensor | None = None,
+                return_order: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled image features [B, output_dim] (not normalised); with ``return_order`` also the belief order.
 
         With ``prior_token`` [B, 1, D] the stem tokens are gated by it, the token is prepended (no positional embedding,
-        no ``ln_pre``) and position 0, the prior token, is pooled. Without it the CLS token is pooled.
+        no ``ln_pre``) and position 0, the prior token, is pooled. Without it the CLS token is pooled (order None).
         """
         x = self.stem(pixels)  # [B, T, D]
+        order = None
         if prior_token is not None:
-            x = belief_gate(x, prior_token, self.gate)  # [B, T, D] float32
+            x, order = belief_gate(x, prior_token, self.gate, return_order=True)  # [B, T, D] float32, [B, T]
             x = torch.cat([prior_token.to(x.dtype), x], dim=1)  # [B, T+1, D]
             if not _autocast_enabled(x.device.type):
                 # Under autocast the fp32 residual stream is what the reference runs; otherwise follow the weights.
                 x = x.to(self.conv1.weight.dtype)
         x = self.transformer(x)
         pooled = self.ln_post(x[:, 0])  # ln_post is per token, so only token 0 needs it
-        return pooled @ self.proj
+        feats = pooled @ self.proj
+        return (feats, order) if return_order else feats

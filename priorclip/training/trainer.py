@@ -92,6 +92,7 @@ class TrainConfig:
     resume_every_epochs: int = 1  # write checkpoints/latest.pt (weights + optimiser, ~3x the weights) every N epochs
     stop_after: int | None = None  # stop (resumably) after this many total steps: splits a run across calls
     max_wall_min: float | None = None  # stop training after this many minutes, then validate/test as usual
+    max_steps: int | None = None  # end training after this many steps (the schedule anneals over them), then as usual
     log_every: int = 10
     val_every: int = 1
     val_batch_size: int = 128
@@ -417,6 +418,8 @@ class Trainer:
         t_start = time.perf_counter()
         data = TrainData(cfg, self.model.cfg.vision.image_size, self.model.cfg.text.context_length, d, self.out)
         total = cfg.epochs * data.steps_per_epoch
+        if cfg.max_steps is not None:  # a step budget: equal for runs compared at the same cost
+            total = min(total, cfg.max_steps)
         start_epoch, start_in_epoch = 0, 0
         if self.resume_path is not None:
             start_epoch, start_in_epoch = self.load_state(self.resume_path)
@@ -470,6 +473,8 @@ class Trainer:
                     reason = flag.reason
                     if cfg.stop_after is not None and self.step >= cfg.stop_after:
                         reason = reason or f"--stop-after {cfg.stop_after}"
+                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                        reason = reason or f"--max-steps {cfg.max_steps}"
                     if cfg.max_wall_min is not None and time.perf_counter() - t_start > 60 * cfg.max_wall_min:
                         reason = reason or f"--max-wall-min {cfg.max_wall_min}"
                     if any_rank(reason is not None, d):
@@ -520,6 +525,7 @@ class Trainer:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv),
             "val": val_history,
+            "val_set": val_set.describe() if val_set is not None else None,
             "final_loss": self.history[-1] if self.history else None,
             "config": cfg.to_dict(),
         }

@@ -26,6 +26,7 @@ FAST = [
     "8",
     "--e2e-images",
     "4",
+    "--generated-set",  # the same set on every machine, whether or not real data is reachable
     "--quiet",
 ]
 
@@ -55,8 +56,9 @@ def test_writes_json_markdown_and_png(fast_run):
     doc, path = _report(out)
     assert path.with_suffix(".md").is_file() and path.with_suffix(".png").stat().st_size > 1000
     md = path.with_suffix(".md").read_text()
-    assert "## Latency and throughput" in md and "## Recall check" in md and "JPEG" in md
-    assert "items/s" in output and "reference torch/fp32" in output
+    assert "## Request latency" in md and "## Pipelined throughput" in md and "## Recall check" in md and "JPEG" in md
+    assert md.index("| engine | precision |") < md.index("## Run")  # the summary table opens the report
+    assert "items/s" in output and "reference torch/fp32" in output and "fastest engine that passes" in output
 
 
 def test_report_schema_and_contents(fast_run):
@@ -77,7 +79,12 @@ def test_report_schema_and_contents(fast_run):
         assert {(b, p, tw, n) for tw in ("image", "text") for n in (1, 2)} <= points
     assert {(e["backend"], e["precision"]) for e in doc["e2e"]} == ok
     assert {r["engine"] for r in doc["recall"]["engines"]} == {f"{b}/{p}" for b, p in ok}
-    assert doc["recall"]["dataset"]["n_images"] == 8
+    assert doc["recall"]["dataset"]["n_images"] == 8 and doc["recall"]["dataset"]["n_classes"] == 6
+    assert {r["engine"] for r in doc["summary"]["rows"]} == {f"{b}/{p}" for b, p in ok}
+    # two timed calls: no p90 and no p99 is printed from them; throughput is measured apart from latency
+    assert all(t["iters"] == 2 and t["p90_ms"] is None and t["p99_ms"] is None for t in doc["timings"])
+    assert all(t["throughput_calls"] >= 1 and t["items_per_s"] > 0 for t in doc["timings"])
+    assert doc["load"]["measured"] and isinstance(doc["reliability"]["reliable"], bool)
     fp32 = [r for r in doc["recall"]["engines"] if r["precision"] == "fp32"]
     assert all(r["within_tolerance"] for r in fp32), [(r["engine"], r["failures"]) for r in fp32]
 
@@ -96,7 +103,7 @@ def test_dataset_option_reads_a_karpathy_folder(tmp_path):
     make_sample(tmp_path / "ds", n_images=6, size=64)
     res = _run(
         [
-            *FAST,
+            *[a for a in FAST if a != "--generated-set"],
             "--backends",
             "torch",
             "--no-e2e",
@@ -112,7 +119,8 @@ def test_dataset_option_reads_a_karpathy_folder(tmp_path):
     )
     assert res.exit_code == 0, res.output
     doc, _ = _report(tmp_path / "out")
-    assert doc["recall"]["dataset"]["name"] == "dataset.json" and doc["recall"]["dataset"]["n_images"] == 6
+    ds = doc["recall"]["dataset"]
+    assert ds["name"] == "dataset.json" and ds["n_images"] == 6 and ds["generated"] is False
     assert {t["tower"] for t in doc["timings"]} == {"image"} and doc["e2e"] == []
 
 
@@ -127,6 +135,8 @@ def test_dataset_option_reads_a_karpathy_folder(tmp_path):
         (["--images", "/tmp"], "--images needs --dataset"),
         (["--engines", "torch", "--backends", "torch"], "not both"),
         (["--model", "no-such-model"], "unknown model"),
+        (["--recall-images", "1"], "integer >= 2 or 'all'"),
+        (["--generated-set", "--dataset", "/tmp"], "not both"),
     ],
 )
 def test_user_mistakes_are_one_line(tmp_path, args, message):
@@ -162,7 +172,7 @@ def test_unavailable_backend_is_listed_with_its_reason(tmp_path):
 
 @pytest.mark.slow
 def test_compiling_backends_on_tiny_with_the_gpu_script_options(tmp_path):
-    """torch-compile and AOTInductor through the whole CLI with benchmarks/gpu/bench.sh's options (compile mode,
+    """torch-compile and AOTInductor through the whole CLI with benchmarks/gpu/q1-speed.sh's options (compile mode,
     dynamic batch, --engines, a dataset folder, --note); compiling makes this slow on CPU."""
     from priorclip.synthetic import make_sample
 
@@ -175,7 +185,7 @@ def test_compiling_backends_on_tiny_with_the_gpu_script_options(tmp_path):
     make_sample(tmp_path / "ds", n_images=5, size=64)
     res = _run(
         [
-            *FAST,
+            *[a for a in FAST if a != "--generated-set"],
             "--engines",
             ",".join(engines),
             "--batch-sizes",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -22,6 +24,68 @@ def test_time_calls_rotates_the_pool_after_warmup():
 def test_percentiles_are_ordered():
     p = harness.percentiles([float(i) for i in range(1, 101)])
     assert p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"] and p["mean_ms"] == pytest.approx(50.5)
+
+
+@pytest.mark.parametrize("n, has_p90, has_p99", [(5, False, False), (9, False, False), (10, True, False),
+                                                 (99, True, False), (100, True, True)])
+def test_percentiles_need_enough_samples(n, has_p90, has_p99):
+    p = harness.percentiles([1.0 + i for i in range(n)])
+    assert (p["p90_ms"] is not None) == has_p90 and (p["p99_ms"] is not None) == has_p99
+
+
+def test_suppressed_percentiles_print_as_a_dash():
+    from priorclip.benchmarks.report import latency_rows
+
+    row = {"backend": "torch", "precision": "fp32", "tower": "image", "batch": 1, "tokens": None, "iters": 9,
+           **harness.percentiles([1.0] * 9), "others_cpu_share": None, "unsteady": False}
+    cells = latency_rows({"timings": [row], "engines": []})[1][0]
+    assert cells[4:8] == ["9", "1.00", "—", "—"]  # calls, p50, p90, p99
+
+
+def test_latency_calls_are_synchronised_and_throughput_is_measured():
+    pool = [torch.zeros(1)]
+    ms, seconds, calls, method = harness.measure_point(lambda x: time.sleep(0.002), pool, 1, 4, torch.device("cpu"))
+    assert len(ms) == 4 and all(m >= 2.0 for m in ms) and calls == 4 and seconds >= 0.008
+    assert "back-to-back" in method
+    assert harness.time_pipelined(lambda x: None, pool, 3, torch.device("cpu")) >= 0
+
+
+def test_wide_spread_is_flagged_unsteady():
+    steady = harness.percentiles([10.0, 10.1, 9.9, 10.0, 10.2, 10.0, 9.8, 10.1, 10.0, 10.0])
+    noisy = harness.percentiles([10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 25.0, 30.0])
+    assert not harness.is_unsteady(steady, 10) and harness.is_unsteady(noisy, 10)
+    assert not harness.is_unsteady(harness.percentiles([1.0, 9.0]), 2)  # too few samples to judge
+    rel = harness.assess_reliability({"measured": True, "others_cpu_share": 0.01, "steal_share": 0.0},
+                                     [{"backend": "torch", "precision": "fp32", "tower": "image", "batch": 8,
+                                       "unsteady": True}])
+    assert not rel["reliable"] and rel["unsteady_points"] == ["torch/fp32 image b8"]
+    busy_vm = harness.assess_reliability({"measured": True, "others_cpu_share": 0.0, "steal_share": 0.2}, [])
+    assert not busy_vm["reliable"] and "steal" in busy_vm["warnings"][0]
+    assert harness.assess_reliability({"measured": True, "others_cpu_share": 0.02, "steal_share": 0.0},
+                                      [])["reliable"]
+
+
+def test_gpu_processes_of_others_are_a_warning():
+    mon = harness.LoadMonitor(reader=lambda: None, gpu_reader=lambda: {"util_pct": 90.0,
+                                                                       "others": [{"pid": 4242, "used_mib": 900.0}]})
+    with mon.window():
+        pass
+    load = mon.summary()
+    assert load["gpu"]["other_processes"] == [{"pid": 4242, "used_mib_max": 900.0}]
+    rel = harness.assess_reliability(load, [])
+    assert any("pid 4242" in w for w in rel["warnings"])
+    assert any("could not be read" in w for w in rel["warnings"])  # no CPU readings at all is not "reliable"
+
+
+def test_proc_readings_are_sane_here():
+    a = harness.read_cpu()
+    if a is None:
+        pytest.skip("no /proc")
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:  # burn CPU in this process
+        pass
+    b = harness.read_cpu()
+    assert b.total > a.total and b.busy >= a.busy and b.ours > a.ours and a.loadavg1 is not None
 
 
 def test_flops_per_item_agree_with_profile_and_shrink_with_text_length():
@@ -54,6 +118,7 @@ def test_bench_engine_and_e2e_rate_on_tiny():
     assert text.gflop_per_item == pytest.approx(harness.gflop_per_item(model.cfg, "text", 12))
     for r in rows:
         assert r.items_per_s > 0 and r.tflops > 0 and 0 < r.frac_peak and r.peak_mem_mib > 0
+        assert r.iters == 3 and r.p90_ms is None and r.p99_ms is None and r.cv >= 0
     jpegs = harness.make_jpegs(6, size=80)
     assert len(set(jpegs)) == 6  # distinct images, not one repeated
     rate = harness.e2e_rate(eng, jpegs, batch=4, workers=2)

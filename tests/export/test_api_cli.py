@@ -79,11 +79,39 @@ def test_cli_bad_inputs_give_one_line(case, tmp_path):
     assert expect in lines[0]
 
 
-def test_cli_exports_with_generated_parity_set(tmp_path):
-    code, lines = _cli(["--model", "priorclip-tiny", "--out", str(tmp_path), "-q"])
+def test_cli_parity_set_defaults_to_real_data_else_labelled_generated(tmp_path, monkeypatch):
+    from priorclip.synthetic import make_sample
+
+    monkeypatch.chdir(tmp_path)  # none of the default dataset folders is reachable from here
+    monkeypatch.delenv("PRIORCLIP_DATASET", raising=False)
+    code, lines = _cli(["--model", "priorclip-tiny", "--out", str(tmp_path / "gen"), "-q"])
     assert code == 0, lines
-    assert (tmp_path / "parity.json").is_file() and (tmp_path / "manifest.json").is_file()
+    p = json.loads((tmp_path / "gen" / "parity.json").read_text())
+    assert "GENERATED" in p["dataset"]["selection"]["source"] and p["n_images"] == 64
     assert any(ln.startswith("| onnx-fp32") for ln in lines)
+    assert "GENERATED" in (tmp_path / "gen" / "parity.md").read_text()
+
+    # a reachable dataset (here via $PRIORCLIP_DATASET) is the default; --parity-images draws class-spread
+    j, _ = make_sample(tmp_path / "ds", n_images=24, seed=3)
+    monkeypatch.setenv("PRIORCLIP_DATASET", str(j))
+    code, lines = _cli(["--model", "priorclip-tiny", "--out", str(tmp_path / "real"), "--parity-images", "12", "-q"])
+    assert code == 0, lines
+    p = json.loads((tmp_path / "real" / "parity.json").read_text())
+    d = p["dataset"]
+    assert str(j) in d["selection"]["source"] and d["selection"]["method"] == "class-spread"
+    assert d["n_images"] == 12 and d["n_classes"] == 6 and d["per_class_min"] == d["per_class_max"] == 2
+    assert p["tolerance"]["dmr_judged"] is False and any("too few items for a ΔmR verdict" in n for n in p["notes"])
+    m = json.loads((tmp_path / "real" / "manifest.json").read_text())
+    assert m["parity"]["dataset"].startswith("12 images over 6 of 6 classes")
+
+    # without --parity-images, a CPU export takes the judged-set size (334 on AID/RSICD; 18 of 24 here)
+    import priorclip.export.cli as export_cli
+
+    monkeypatch.setattr(export_cli, "JUDGED_SET_IMAGES", 18)
+    code, lines = _cli(["--model", "priorclip-tiny", "--out", str(tmp_path / "dflt"), "-q"])
+    assert code == 0, lines
+    d = json.loads((tmp_path / "dflt" / "parity.json").read_text())["dataset"]
+    assert d["n_images"] == 18 and d["n_classes"] == 6 and d["per_class_max"] - d["per_class_min"] <= 1
 
 
 def test_cli_trt_without_tensorrt_writes_onnx_then_fails(tmp_path, monkeypatch):

@@ -78,8 +78,17 @@ def test_image_export_with_saturated_belief_matches_reference(tiny_model, tmp_pa
     export_model(m, tmp_path, "onnx", "fp32", progress=False)
     eng = open_engine(tmp_path)
     ref = TorchEncoder(m)
+    # The exported order output is the gate's order, ties included: lower index first, as a float64-free stable
+    # descending argsort of the fp32 belief gives it, and as the eager model gives it.
+    belief32 = torch.softmax(s, dim=1).numpy()
+    want = torch.from_numpy(np.stack([np.argsort(-row, kind="stable") for row in belief32]))
+    tied_rows = [(np.diff(np.sort(row)) == 0).sum() for row in belief32]
+    assert min(tied_rows) >= 5  # every row really has exact ties
     for b in (1, 7):
-        assert (eng.encode_images(x[:b]) - ref.encode_images(x[:b])).abs().max() < 1e-4
+        emb, order = eng.encode_images_with_order(x[:b])
+        assert (emb - ref.encode_images(x[:b])).abs().max() < 1e-4
+        assert torch.equal(order, want[:b])
+        assert torch.equal(order, ref.encode_images_with_order(x[:b])[1])
 
 
 def test_gate_graph_breaks_ties_lower_index_first(tmp_path):
@@ -113,3 +122,28 @@ def test_gate_graph_breaks_ties_lower_index_first(tmp_path):
     gated = xd * (belief32 + w)[:, :, None]
     ref = gated / np.maximum(np.linalg.norm(gated, axis=1, keepdims=True), 1e-12)
     assert np.abs(out - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("name, gate, outputs", [
+    ("priorclip-tiny", "belief+rank", ["embeddings", "belief_order"]),
+    ("priorclip-tiny", "2belief", ["embeddings"]),  # this gate does not rank: no order to export
+    ("clip-tiny", None, ["embeddings"]),  # no prior, no gate
+])
+def test_image_graph_outputs_follow_the_gate(name, gate, outputs):
+    from priorclip import create_model
+    from priorclip.export.onnx_export import ImageEncoder, image_output_names, io_spec
+
+    torch.manual_seed(0)
+    m = create_model(name, **({"gate": gate} if gate else {})).eval()
+    assert image_output_names(m) == outputs
+    spec = io_spec(m, 8)["image"]["outputs"]
+    assert [o["name"] for o in spec] == outputs
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = ImageEncoder(m)(x)
+        ref, ref_order = m.encode_image_with_order(x)
+    if len(outputs) == 2:
+        assert spec[1] == {**spec[1], "dtype": "int64", "shape": ["batch", m.cfg.vision.num_tokens]}
+        assert torch.equal(out[0], ref) and torch.equal(out[1], ref_order)
+    else:
+        assert isinstance(out, torch.Tensor) and torch.equal(out, ref) and ref_order is None

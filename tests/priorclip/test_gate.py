@@ -146,3 +146,40 @@ def test_full_model_batch_one_with_ties():
         want = image_path_f64(model, pixels.double(), belief32=True).float()
     assert got.shape == (1, 512)
     assert (got - want).abs().max().item() < 1e-5
+
+
+def order_f64(model, pixels: torch.Tensor) -> list[list[int]]:
+    """The belief order re-derived in float64 with Python's stable sort (ties lower index first)."""
+    m = model.double()
+    v = m.visual
+    x = pixels.double()
+    y = m.vision_proj_res(m.res_visual(x)).unsqueeze(1)
+    stem = F.conv2d(x, v.conv1.weight, stride=v.conv1.stride).flatten(2).transpose(1, 2)
+    stem = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), stem], 1) + v.positional_embedding
+    stem = F.layer_norm(stem, (stem.shape[-1],), v.ln_pre.weight, v.ln_pre.bias, v.ln_pre.eps)
+    s = (stem @ y.transpose(1, 2)).squeeze(-1)
+    return [sorted(range(s.shape[1]), key=lambda j: -row[j]) for row in s.tolist()]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_encode_image_with_order(batch):
+    """The order the parity checks compare is the gate's own, and asking for it changes nothing else."""
+    torch.manual_seed(11)
+    model = create_model("priorclip-tiny").double()
+    pixels = torch.randn(batch, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        emb, order = model.encode_image_with_order(pixels)
+        plain = model.encode_image(pixels)
+    assert order.dtype == torch.int64 and order.shape == (batch, model.cfg.vision.num_tokens)
+    assert order.tolist() == order_f64(model, pixels)
+    assert torch.equal(emb, plain)
+    with pytest.raises(ValueError, match="encode_image expects"):
+        model.encode_image_with_order(pixels[:, :, :32])
+
+
+def test_no_order_without_a_ranking_gate():
+    with torch.no_grad():
+        for name, gate in (("clip-tiny", None), ("priorclip-tiny", "2belief")):
+            model = create_model(name, **({"gate": gate} if gate else {}))
+            emb, order = model.encode_image_with_order(torch.randn(2, 3, 64, 64))
+            assert order is None and emb.shape == (2, model.cfg.embed_dim)

@@ -279,3 +279,16 @@ def test_lock_text_freezes_the_text_tower(tiny_data, tmp_path):
     for n, p in t.model.named_parameters():
         text = n.startswith(("token_embedding", "positional_embedding", "transformer.", "ln_final", "text_projection"))
         assert torch.equal(before[n], p) == text or n == "logit_scale", n
+
+
+def test_max_steps_is_a_budget_that_ends_normally(tiny_data, tmp_path):
+    """--max-steps ends training like a finished run (test split, model.pt), with the LR annealed over the budget."""
+    cfg = _cfg(tiny_data, tmp_path, epochs=5, max_steps=5, test_split="test", val_split="val", val_limit=3,
+               warmup=1, lr=1e-3)
+    summary = train(cfg)
+    out = tmp_path / "run"
+    assert summary["steps"] == 5 and summary["planned_steps"] == 5 and summary["stopped"] == "--max-steps 5"
+    assert "test" in summary and (out / "model.pt").is_file()
+    assert summary["val_set"]["n_images"] == 3 and summary["val_set"]["selection"]["method"] == "class-spread"
+    lrs = [json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert lrs[-1] < 0.2 * max(lrs)  # cosine over 5 steps reaches near zero at the last one

@@ -1,0 +1,114 @@
+"""Print the exact device calls of a GPU queue entry, after checking that everything they carry is staged and fits.
+
+    python benchmarks/gpu/calls.py 1|2|3 [--revision SHA]
+
+One JSON object per call (``carry``, ``command``, ``timeout_s``), in order, ready for the device tool's ``run``;
+the revision is filled in (``.git`` does not travel). Checks, with one ``Error:`` line each: the ftfy/wcwidth wheels
+in ``.whl/``, the staged folders the entry carries, every call's size (the working tree that travels plus its
+carries, at most 64 MiB) and every command's length (at most 2,000 characters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MIB = 1 << 20
+LIMIT_MIB = 64
+RUN_TIMEOUT_S = 570  # the entry's own deadline is 510 s; the rest covers interpreter start and the last bundle
+COPY_TIMEOUT_S = 120
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tree_bytes() -> int:
+    """What travels with every call: tracked files and untracked files that git does not ignore."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                         check=True).stdout
+    return sum((ROOT / f).stat().st_size for f in out.decode().split("\0") if f and (ROOT / f).is_file())
+
+
+def _folders(prefix: str) -> list[str]:
+    return sorted((p.name for p in ROOT.glob(f".{prefix}[0-9]*") if p.is_dir()), key=lambda n: int(n[len(prefix) + 1:]))
+
+
+def plan(entry: str, rev: str) -> list[dict]:
+    env = f"PRIORCLIP_GIT_REVISION={rev} "
+    if entry == "1":
+        return [{"carry": [".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q1-speed.sh",
+                 "timeout_s": RUN_TIMEOUT_S}]
+    if entry == "2":
+        parts = _folders("dtrain")
+        if not parts or not (ROOT / parts[-1] / "parts.json").is_file():
+            raise SystemExit("Error: no staged training data (.dtrain*/parts.json): run python benchmarks/gpu/stage.py train")
+        calls = [{"carry": [p], "command": f"mkdir -p /tmp/dparts && cp {p}/part.* /tmp/dparts/ && ls -l /tmp/dparts",
+                  "timeout_s": COPY_TIMEOUT_S} for p in parts[:-1]]
+        return calls + [{"carry": [parts[-1], ".whl"], "command": env + "bash benchmarks/gpu/q2-train.sh",
+                         "timeout_s": RUN_TIMEOUT_S}]
+    if entry == "3":
+        chunks = _folders("chunk")
+        if not chunks or not (ROOT / chunks[-1] / "names.txt").is_file():
+            raise SystemExit("Error: no onnxruntime-gpu parts (.chunk*/names.txt): run "
+                             "../shared/tools/wheel-chunks onnxruntime-gpu==1.31.1")
+        calls = [{"carry": [c], "command": f"mkdir -p /tmp/chunks && cp {c}/part.* /tmp/chunks/ && ls -l /tmp/chunks",
+                  "timeout_s": COPY_TIMEOUT_S} for c in chunks[:-1]]
+        return calls + [{"carry": [chunks[-1], ".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q3-ort-cuda.sh",
+                         "timeout_s": RUN_TIMEOUT_S}]
+    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2 or 3)")
+
+
+def check(calls: list[dict]) -> list[str]:
+    errors = []
+    whl = ROOT / ".whl"
+    for name in ("ftfy", "wcwidth"):
+        if not list(whl.glob(f"{name}-*.whl")):
+            errors.append(f"no {name} wheel in .whl/: python3 -m pip download --no-deps --only-binary=:all: "
+                          "--python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl "
+                          "ftfy==6.3.1 wcwidth==0.9.4")
+    base = tree_bytes()
+    for i, c in enumerate(calls, 1):
+        size = base
+        for path in c["carry"]:
+            p = ROOT / path
+            if not p.exists():
+                hint = "python benchmarks/gpu/stage.py slice" if path == ".bench-data" else "see benchmarks/gpu/README.md"
+                errors.append(f"call {i} carries {path}, which does not exist: {hint}")
+                continue
+            size += _du(p)
+        c["travels_mib"] = round(size / MIB, 1)
+        if size > LIMIT_MIB * MIB:
+            errors.append(f"call {i} would send {size / MIB:.1f} MiB (tree {base / MIB:.1f} + {', '.join(c['carry'])}): "
+                          f"over {LIMIT_MIB} MiB")
+        if len(c["command"]) > 2000:
+            errors.append(f"call {i}'s command is {len(c['command'])} characters (at most 2,000)")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("entry", choices=["1", "2", "3"])
+    ap.add_argument("--revision", default=None, help="default: git rev-parse HEAD")
+    a = ap.parse_args(argv)
+    rev = a.revision or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    calls = plan(a.entry, rev or "unknown")
+    errors = check(calls)
+    for e in errors:
+        print(f"Error: {e}", file=sys.stderr)
+    if errors:
+        return 2
+    print(f"# entry {a.entry}: {len(calls)} call(s), back to back (the machine stays warm ~30 s between calls)")
+    for c in calls:
+        print(json.dumps(c))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# GPU queue entry 1 — speed of every torch-based engine, kernel tests, parity on CUDA. ONE device call, < 9 min.
+#
+#   carry [".bench-data", ".whl"]:  PRIORCLIP_GIT_REVISION=<sha> bash benchmarks/gpu/q1-speed.sh      (timeout_s 570)
+#
+# Before the call, here: `python benchmarks/gpu/stage.py slice` (the class-spread test slice, 9 MiB, in .bench-data/)
+# and the ftfy/wcwidth wheels in .whl/ (benchmarks/gpu/README.md). Steps, in priority order; each writes its results
+# before the next starts, and each runs under a time limit cut to what is left of Q_TIME_LIMIT (510 s):
+#   eager     priorclip-bench, torch eager fp32 (plain fp32: the bench turns TF32 off for matmuls AND cuDNN, whose
+#             PyTorch default is on), fp16 and bf16 autocast, batch 1/8/256, JPEG->embedding rate, recall/parity of
+#             each against the fp32 reference on the carried slice, on CUDA
+#   tf32      eager fp32 with --tf32 (labelled fp32+TF32, tag "-tf32"), judged against the plain fp32 reference
+#   kernels   pytest -m gpu tests/kernels (skipped, and said so, while that folder does not exist)
+#   fused     SLOT for the fused Triton engine: runs every backend of priorclip.serve.engines that is none of torch,
+#             torch-compile, onnxruntime, aoti, tensorrt (or FUSED_ENGINES=backend:precision,...); skipped until one exists
+#   compiled  torch.compile fp16 (mode reduce-overhead = CUDA graphs without the GEMM autotuning search, dynamic batch:
+#             one graph per tower plus batch 1's) and AOTInductor fp16, with all the time left; max-autotune over 3 batch
+#             sizes x 2 towers would take longer than the whole call. An engine cut off by the limit is missing from
+#             the report and named in the status; the engines before it are kept.
+# Output ($OUT, 3 files): q1-speed-status.json, q1-speed-summary.md, q1-speed-results.tar.gz (bench JSON/MD/PNG per
+# step, logs). Knobs: DATA, MODEL, DEVICE, BATCHES, WARMUP, ITERS, EAGER_ENGINES, COMPILED_ENGINES, FUSED_ENGINES,
+# COMPILE_MODE, COMPILE_DYNAMIC (1), E2E (1), Q_TIME_LIMIT; the CPU test dry-runs this with the tiny config.
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 2
+. benchmarks/gpu/lib.sh
+
+q_need_slice
+q_init q1-speed
+q_setup
+
+DEVICE=${DEVICE:-cuda}
+DEVTAG=$("$PY" -c "
+import re, sys, torch
+d = sys.argv[1]
+name = torch.cuda.get_device_name(0) if d.startswith('cuda') and torch.cuda.is_available() else 'cpu'
+print(re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-'))" "$DEVICE")
+COMMON=(--model "${MODEL:-priorclip-vit-b32}" --device "$DEVICE" --batch-sizes "${BATCHES:-1,8,256}"
+        --warmup "${WARMUP:-10}" --iters "${ITERS:-100}" --dataset "$DATA")
+[ "${E2E:-1}" = 1 ] || COMMON+=(--no-e2e)
+R=$Q_WORK/results
+BENCH=("$PY" -m priorclip.benchmarks.cli)
+
+q_step eager "${EAGER_MAX_S:-200}" "${BENCH[@]}" "${COMMON[@]}" \
+  --engines "${EAGER_ENGINES:-torch:fp32,torch:fp16,torch:bf16}" --tag "$DEVTAG-eager" --out "$R/eager" \
+  --note "queue entry 1 (benchmarks/gpu/q1-speed.sh), eager engines"
+
+if "${BENCH[@]}" --help 2>/dev/null | grep -q -- --tf32; then
+  q_step tf32 "${TF32_MAX_S:-100}" "${BENCH[@]}" "${COMMON[@]}" --no-e2e --tf32 \
+    --engines torch:fp32 --tag "$DEVTAG-eager-tf32" --out "$R/tf32" \
+    --note "queue entry 1, eager fp32 with TF32 ON for matmuls and cuDNN: a TF32 row (fp32+TF32), not fp32"
+else
+  q_skip tf32 "this priorclip-bench has no --tf32 flag"
+fi
+
+if [ -d tests/kernels ]; then  # pytest's exit status 5 = no gpu-marked test collected: nothing to run, not a failure
+  q_step kernels "${KERNELS_MAX_S:-120}" "$PY" -c "
+import sys, pytest
+rc = int(pytest.main(['-m', 'gpu', 'tests/kernels', '-q', '-p', 'no:cacheprovider', '--junitxml=' + sys.argv[1]]))
+sys.exit(0 if rc == 5 else rc)" "$R/kernels/junit.xml"
+else
+  q_skip kernels "tests/kernels does not exist yet (no kernels to test on hardware)"
+fi
+
+FUSED=${FUSED_ENGINES:-$("$PY" -c "
+import sys
+from priorclip.serve.engines import BACKENDS
+known = {'torch', 'torch-compile', 'onnxruntime', 'aoti', 'tensorrt'}
+dev = 'cuda' if sys.argv[1].startswith('cuda') else sys.argv[1]
+print(','.join(f'{n}:{p}' for n, b in BACKENDS.items() if n not in known for p in b.precisions.get(dev, ())))" "$DEVICE")}
+if [ -n "$FUSED" ]; then
+  q_step fused "${FUSED_MAX_S:-150}" "${BENCH[@]}" "${COMMON[@]}" --engines "$FUSED" --tag "$DEVTAG-fused" \
+    --out "$R/fused" --note "queue entry 1, fused-kernel engine(s)"
+else
+  q_skip fused "SLOT: no fused-kernel engine in priorclip.serve.engines yet (set FUSED_ENGINES=backend:precision once it exists)"
+fi
+
+COMPILED=${COMPILED_ENGINES-torch-compile:fp16,aoti:fp16}
+if [ -n "$COMPILED" ]; then
+  DYN=(); [ "${COMPILE_DYNAMIC:-1}" = 1 ] && DYN=(--compile-dynamic)
+  q_step compiled "${COMPILED_MAX_S:-600}" "${BENCH[@]}" "${COMMON[@]}" --engines "$COMPILED" \
+    --compile-mode "${COMPILE_MODE:-reduce-overhead}" "${DYN[@]}" --tag "$DEVTAG-compiled" --out "$R/compiled" \
+    --note "queue entry 1, compiled engines: torch.compile mode ${COMPILE_MODE:-reduce-overhead}$([ ${#DYN[@]} -gt 0 ] && echo ', dynamic batch')"
+else
+  q_skip compiled "COMPILED_ENGINES is empty"
+fi
+
+q_finish

@@ -1,0 +1,334 @@
+"""The GPU queue (benchmarks/gpu/) dry-run on CPU with the tiny config and generated data, so that a lent GPU's
+15 minutes are never spent debugging a script: what each entry writes, its status record, its time limits, and its
+one-line errors for a missing slice, missing wheels or a missing wheel part. Entry 2 (training) is in
+tests/training/test_train_aid_script.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from priorclip.synthetic import SCENES, make_sample
+
+REPO = Path(__file__).resolve().parents[2]
+GPU = REPO / "benchmarks" / "gpu"
+
+
+def _module(name: str):
+    """A script of benchmarks/gpu/ imported as a module (without putting that folder on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"gpu_queue_{name}", GPU / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _has_cuda_provider() -> bool:
+    try:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        return False
+
+
+def _env(tmp_path: Path, **kw) -> dict:
+    env = dict(os.environ, MODEL="priorclip-tiny", DEVICE="cpu", BATCHES="4", WARMUP="0", ITERS="1", E2E="0",
+               PYTHON=sys.executable, OUT=str(tmp_path / "out"), Q_WORK=str(tmp_path / "work"),
+               Q_SITE=str(tmp_path / "site"), WHL_DIR=str(tmp_path / "no-wheels"))
+    env.pop("PRIORCLIP_GIT_REVISION", None)
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
+
+
+def _results(out: Path, entry: str) -> dict[str, bytes]:
+    """The files of the entry's results archive, by path."""
+    with tarfile.open(out / f"{entry}-results.tar.gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def _one(files: dict[str, bytes], prefix: str, suffix: str) -> dict:
+    found = [k for k in files if k.startswith(prefix) and k.endswith(suffix)]
+    assert len(found) == 1, (prefix, suffix, sorted(files))
+    return json.loads(files[found[0]])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A generated dataset sorted by class like AID/RSICD: 24 test images (4 per class), 12 train."""
+    root = tmp_path_factory.mktemp("src")
+    json_path, _ = make_sample(root, n_images=36, size=64, seed=0, split="test")
+    doc = json.loads(json_path.read_text())
+    for i, e in enumerate(doc["images"]):
+        e["split"] = "test" if i < 24 else "train"
+    json_path.write_text(json.dumps(doc))
+    return root
+
+
+@pytest.fixture(scope="module")
+def slice_dir(source, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("bench-data") / "aid-rsicd"
+    r = subprocess.run([sys.executable, str(GPU / "stage.py"), "slice", "--src", str(source), "--dst", str(dst),
+                        "--test", "12", "--calib", "6"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return dst
+
+
+def test_stage_slice_is_class_spread(slice_dir):
+    doc = json.loads((slice_dir / "dataset_rsicd_aid.json").read_text())
+    test = [e for e in doc["images"] if e["split"] == "test"]
+    train = [e for e in doc["images"] if e["split"] == "train"]
+    # 12 of 24 test images whose names sort by class: the first 12 would be 3 classes; spread gives 2 of each of 6
+    classes = [e["filename"].split("_")[0] for e in test]
+    assert len(test) == 12 and {classes.count(c) for c in SCENES} == {2}
+    assert len(train) == 6 and len({e["filename"].split("_")[0] for e in train}) == 6
+    assert sorted(p.name for p in (slice_dir / "images").iterdir()) == sorted(e["filename"] for e in doc["images"])
+    assert all(set(e) <= {"filename", "split", "label", "sentences"} and len(e["sentences"]) == 5 for e in doc["images"])
+    staged = json.loads((slice_dir.parent / "STAGED.json").read_text())
+    assert staged["test"]["n_classes"] == 6 and staged["test"]["per_class_min"] == 2
+    assert "class-spread" in staged["test"]["coverage"] and staged["train_for_calibration"]["n_images"] == 6
+    assert staged["revision"]
+
+
+def test_lib_time_limits_failures_and_bundle(tmp_path):
+    """A step cut by its time limit, a failing step and a step with no time left are recorded, and what the steps
+    before them wrote stays in the three files of $OUT."""
+    script = tmp_path / "entry.sh"
+    script.write_text(f"""set -uo pipefail
+. {GPU / 'lib.sh'}
+q_init q9-test
+R=$Q_WORK/results
+q_step first 30 bash -c "echo kept > $R/first/result.txt"
+q_step broken 30 bash -c "echo 'Error: something broke' >&2; exit 4"
+q_step slow 6 sleep 30
+q_step late 30 bash -c "echo never > $R/late/x.txt"
+q_finish
+""")
+    env = _env(tmp_path, Q_TIME_LIMIT="12", Q_RESERVE="0", Q_MIN_STEP_S="8")
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr  # a step timed out or failed
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["q9-test-results.tar.gz", "q9-test-status.json",
+                                                      "q9-test-summary.md"]
+    status = json.loads((out / "q9-test-status.json").read_text())
+    steps = {s["name"]: s for s in status["steps"]}
+    assert steps["first"]["state"] == "ok" and steps["first"]["files"] == ["first/result.txt"]
+    assert steps["slow"]["state"] == "timeout" and steps["slow"]["rc"] == 124 and steps["slow"]["seconds"] < 10
+    assert steps["broken"]["state"] == "failed" and steps["broken"]["rc"] == 4
+    assert steps["broken"]["note"] == "Error: something broke"
+    assert steps["late"]["state"] == "skipped" and "not enough time left" in steps["late"]["note"]
+    assert status["finished"] and status["time_limit_s"] == 12 and status["revision"]
+    assert _results(out, "q9-test")["results/first/result.txt"] == b"kept\n"
+    summary = (out / "q9-test-summary.md").read_text()
+    assert "| slow | TIMEOUT |" in summary and "| broken | FAILED |" in summary
+
+
+def test_q1_speed_dry_run(slice_dir, tmp_path):
+    env = _env(tmp_path, DATA=slice_dir, EAGER_ENGINES="torch:fp32,torch:bf16", COMPILED_ENGINES="torch:fp32",
+               PRIORCLIP_GIT_REVISION="abc123")
+    r = subprocess.run(["bash", str(GPU / "q1-speed.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["q1-speed-results.tar.gz", "q1-speed-status.json",
+                                                      "q1-speed-summary.md"]  # at most 8 files come back
+    status = json.loads((out / "q1-speed-status.json").read_text())
+    states = {s["name"]: s["state"] for s in status["steps"]}
+    assert states == {"eager": "ok", "tf32": "ok", "kernels": "skipped", "fused": "skipped", "compiled": "ok"}
+    notes = {s["name"]: s["note"] for s in status["steps"]}
+    assert "tests/kernels does not exist" in notes["kernels"] and notes["fused"].startswith("SLOT")
+    assert status["revision"] == "abc123" and status["finished"] and status["wall_s"] > 0
+    assert "EAGER_ENGINES=torch:fp32,torch:bf16" in status["command"] and "q1-speed.sh" in status["command"]
+    assert status["environment"]["torch"] and status["environment"]["device"].startswith("CPU")
+
+    files = _results(out, "q1-speed")
+    eager = _one(files, "results/eager/bench-cpu-eager-", ".json")
+    assert [(e["backend"], e["precision"], e["status"]) for e in eager["engines"]] == [
+        ("torch", "fp32", "ok"), ("torch", "bf16", "ok")]
+    ds = eager["recall"]["dataset"]  # parity on the carried slice, all of it
+    assert ds["generated"] is False and ds["n_images"] == 12 and ds["n_classes"] == 6
+    assert eager["config"]["batch_sizes"] == [4] and eager["environment"]["git_revision"]  # abc123 without .git
+    tf32 = _one(files, "results/tf32/bench-cpu-eager-tf32-", ".json")
+    assert "TF32 ON" in tf32["config"]["note"] and [e["backend"] for e in tf32["engines"]] == ["torch"]
+    compiled = _one(files, "results/compiled/bench-cpu-compiled-", ".json")
+    assert compiled["config"]["compile_mode"] == "reduce-overhead" and compiled["config"]["compile_dynamic"] is True
+    assert "results/env.txt" in files and any(k.startswith("logs/eager") for k in files)
+    summary = (out / "q1-speed-summary.md").read_text()
+    assert "| eager | ok |" in summary and "## eager/bench-cpu-eager-" in summary
+
+    # filed under benchmarks/results/gpu/ with the status (device, versions, command, revision, date)
+    res = tmp_path / "results"
+    r = subprocess.run([sys.executable, str(GPU / "collect.py"), str(out), "--results", str(res)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (dest,) = (res / "gpu").iterdir()
+    assert dest.name.startswith("q1-speed-cpu-") and (dest / "status.json").is_file() and (dest / "summary.md").is_file()
+    assert list((dest / "eager").glob("bench-cpu-eager-*.json")) and not (dest / "logs").exists()
+    assert "| q1-speed |" in r.stdout and "3 ok, 2 skipped" in r.stdout
+
+
+def test_q1_errors_are_one_line(slice_dir, tmp_path):
+    r = subprocess.run(["bash", str(GPU / "q1-speed.sh")], env=_env(tmp_path, DATA=tmp_path / "nowhere"),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "stage.py slice" in r.stderr and r.stderr.startswith("Error:")
+    # the GPU image has no ftfy: without its wheel in .whl/ the entry stops at once, before any GPU work
+    fake = tmp_path / "block"
+    fake.mkdir()
+    (fake / "ftfy.py").write_text("raise ImportError('ftfy is not installed here')\n")
+    env = _env(tmp_path, DATA=slice_dir, PYTHONPATH=fake)
+    r = subprocess.run(["bash", str(GPU / "q1-speed.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs ftfy" in r.stderr and ".whl" in r.stderr
+    assert json.loads((tmp_path / "out" / "q1-speed-status.json").read_text())["steps"] == []
+
+
+def _fake_wheel(folder: Path, name: str = "priorclip_fake_dep", version: str = "1.0") -> Path:
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": "VERSION = '1.0'\n" + "# padding\n" * 4000,
+             f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{dist}/RECORD"] = "".join(f"{k},,\n" for k in files) + f"{dist}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+def _chunk(wheels: list[Path], root: Path, part_bytes: int) -> tuple[Path, Path]:
+    """The layout ../shared/tools/wheel-chunks makes: parts of the concatenated wheels in .chunk1..N, names.txt and
+    sizes.txt beside the last; the earlier parts copied to a chunks folder as its printed calls do."""
+    blob = b"".join(w.read_bytes() for w in wheels)
+    parts = [blob[i:i + part_bytes] for i in range(0, len(blob), part_bytes)]
+    chunks = root / "chunks"
+    chunks.mkdir()
+    last = root / f".chunk{len(parts)}"
+    last.mkdir()
+    for i, p in enumerate(parts):
+        name = f"part.a{chr(ord('a') + i)}"
+        ((last if i == len(parts) - 1 else chunks) / name).write_bytes(p)
+    (last / "names.txt").write_text("".join(f"{w.name}\n" for w in wheels))
+    (last / "sizes.txt").write_text("".join(f"{w.stat().st_size}\n" for w in wheels))
+    return chunks, last / "names.txt"
+
+
+def test_wheel_parts_missing_part_is_named(tmp_path):
+    wheel = _fake_wheel(tmp_path)
+    chunks, names = _chunk([wheel], tmp_path, part_bytes=wheel.stat().st_size // 3 + 1)
+    (chunks / "part.ab").unlink()
+    r = subprocess.run([sys.executable, str(GPU / "wheels.py"), "--names", str(names), "--parts", str(chunks),
+                        "--site", str(tmp_path / "site"), "--work", str(tmp_path / "w")], capture_output=True, text=True)
+    assert r.returncode != 0 and "part is missing" in r.stderr and "part.aa, part.ac" in r.stderr
+    assert not (tmp_path / "site").exists()
+
+
+def test_q3_ort_dry_run(slice_dir, tmp_path):
+    wheel = _fake_wheel(tmp_path)
+    chunks, names = _chunk([wheel], tmp_path, part_bytes=wheel.stat().st_size // 3 + 1)
+    env = _env(tmp_path, DATA=slice_dir, NAMES=names, CHUNKS_DIR=chunks, ENGINES="onnxruntime:fp16",
+               EXPORT_VARIANTS="onnx-fp16")
+    r = subprocess.run(["bash", str(GPU / "q3-ort-cuda.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    out = tmp_path / "out"
+    assert len(list(out.iterdir())) == 3
+    status = json.loads((out / "q3-ort-cuda-status.json").read_text())
+    assert [(s["name"], s["state"]) for s in status["steps"]] == [
+        ("wheels", "ok"), ("preflight", "ok"), ("bench", "ok"), ("export-fp16", "ok")]
+    assert (tmp_path / "site" / "priorclip_fake_dep" / "__init__.py").is_file()  # the parts, put back, installed
+    files = _results(out, "q3-ort-cuda")
+    pre = json.loads(files["results/preflight/preflight.json"])
+    assert pre["ok"] and pre["session_providers"][0] == "CPUExecutionProvider"
+    bench = _one(files, "results/bench/bench-cpu-ort-", ".json")
+    assert [(e["backend"], e["precision"], e["status"]) for e in bench["engines"]] == [("onnxruntime", "fp16", "ok")]
+    export = _one(files, "results/export-fp16/export-parity-cpu-ort-export-fp16-", ".json")
+    (name,) = export["reports"]
+    assert name.startswith("onnx-fp16") and export["reports"][name]["n_images"] == 12
+    assert "12 images over 6" in export["held_out"]
+
+
+@pytest.mark.skipif(_has_cuda_provider(), reason="onnxruntime here has a CUDA provider: nothing falls back")
+def test_q3_stops_when_onnxruntime_falls_back_to_cpu(slice_dir, tmp_path):
+    """No CUDA provider (here: no GPU at all): the preflight fails and no export time is spent."""
+    env = _env(tmp_path, DATA=slice_dir, NAMES="", DEVICE="cuda")
+    r = subprocess.run(["bash", str(GPU / "q3-ort-cuda.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+    status = json.loads((tmp_path / "out" / "q3-ort-cuda-status.json").read_text())
+    states = {s["name"]: s["state"] for s in status["steps"]}
+    assert states["wheels"] == "skipped" and states["preflight"] == "failed"
+    assert all(states[s] == "skipped" for s in ("bench", "export-fp16", "export-int8", "export-int8-more"))
+    pre = json.loads(_results(tmp_path / "out", "q3-ort-cuda")["results/preflight/preflight.json"])
+    assert pre["ok"] is False and "CUDAExecutionProvider" in pre["message"]
+
+
+def test_trained_parity_writes_each_precision(tmp_path, monkeypatch):
+    """fp16/bf16 on trained-checkpoint weights, and the int8 branch (calibrated on the train split, never the test
+    split) with its engine stubbed: every precision's result is in the JSON, and a failing one does not lose the rest."""
+    import torch
+
+    trained_parity = _module("trained_parity")
+
+    from priorclip.serve import engines
+
+    from priorclip.checkpoint import save_checkpoint
+    from priorclip.registry import create_model
+
+    data = tmp_path / "data"
+    json_path, _ = make_sample(data, n_images=12, size=64, seed=0, split="test")
+    doc = json.loads(json_path.read_text())
+    for i, e in enumerate(doc["images"]):
+        e["split"] = "test" if i < 8 else "train"
+    json_path.write_text(json.dumps(doc))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "run" / "model.pt"
+    ckpt.parent.mkdir()
+    save_checkpoint(create_model("priorclip-tiny"), ckpt)
+    (ckpt.parent / "summary.json").write_text(json.dumps({"steps": 7, "planned_steps": 7, "stopped": None}))
+
+    real = engines.create_engine
+    seen = {}
+
+    def fake(backend, model, precision, device, calib=None, **kw):
+        if precision == "int8":
+            seen["calib"] = [p.name for p in calib.images]
+            raise RuntimeError("int8 export broke")
+        return real(backend, model, precision, device, **kw)
+
+    monkeypatch.setattr(engines, "create_engine", fake)
+    rc = trained_parity.main(["--checkpoint", str(ckpt), "--data", str(data), "--precisions", "fp16,bf16,int8",
+                              "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert rc == 1  # int8 failed; fp16 and bf16 are kept
+    doc = json.loads((tmp_path / "out" / "trained-parity.json").read_text())
+    assert set(doc["reports"]) == {"torch-fp16 (autocast, cpu)", "torch-bf16 (autocast, cpu)"}
+    rep = doc["reports"]["torch-bf16 (autocast, cpu)"]
+    assert rep["n_images"] == 8 and rep["precision"] == "bf16" and "passed" in rep and "belief_order" in rep
+    assert doc["trained"]["steps"] == 7 and doc["dataset"]["n_images"] == 8 and doc["dataset"]["split"] == "test"
+    assert "int8 export broke" in doc["errors"]["onnxruntime-int8 (CPU provider)"]
+    assert len(seen["calib"]) == 4 and all(int(n.split("_")[1].split(".")[0]) >= 8 for n in seen["calib"])
+    md = (tmp_path / "out" / "trained-parity.md").read_text()
+    assert "torch-bf16 (autocast, cpu)" in md and "could not run" in md
+    assert trained_parity.main(["--checkpoint", str(tmp_path / "none.pt"), "--data", str(data),
+                                "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_calls_checks_sizes_and_staging(tmp_path, monkeypatch, capsys):
+    calls = _module("calls")
+    monkeypatch.setattr(calls, "ROOT", tmp_path)
+    monkeypatch.setattr(calls, "tree_bytes", lambda: 3 << 20)
+    with pytest.raises(SystemExit, match="stage.py train"):
+        calls.plan("2", "abc")
+    for i, mib in ((1, 50), (2, 62), (3, 5)):
+        (tmp_path / f".dtrain{i}").mkdir()
+        (tmp_path / f".dtrain{i}" / f"part.0{i - 1}").write_bytes(b"\0" * (mib << 20))
+    (tmp_path / ".dtrain3" / "parts.json").write_text("{}")
+    plan = calls.plan("2", "abc123")
+    assert [c["carry"] for c in plan] == [[".dtrain1"], [".dtrain2"], [".dtrain3", ".whl"]]
+    assert plan[-1]["command"] == "PRIORCLIP_GIT_REVISION=abc123 bash benchmarks/gpu/q2-train.sh"
+    errors = calls.check(plan)
+    assert any("call 2 would send 65.0 MiB" in e for e in errors)  # 62 + the 3 MiB tree: over 64
+    assert any("no ftfy wheel" in e for e in errors) and any(".whl, which does not exist" in e for e in errors)
+    assert plan[0]["travels_mib"] == 53.0
