@@ -33,8 +33,8 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Callable, Iterator, Sequence
 
@@ -306,7 +306,7 @@ def bench_engine(
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(engine.device)
                 free_before = free_before_build or torch.cuda.mem_get_info(engine.device)[0]
-            window = monitor.window() if monitor is not None else _no_window()
+            window = monitor.window() if monitor is not None else nullcontext()
             with window as w:
                 ms, pipe_s, pipe_calls, method = measure_point(fn, pool, warmup, iters, engine.device)
             if engine.device.type == "cuda":
@@ -348,11 +348,6 @@ def bench_engine(
                 on_row(row)
             del pool
     return rows
-
-
-@contextmanager
-def _no_window() -> Iterator[None]:
-    yield None
 
 
 def prime(
@@ -477,7 +472,10 @@ def gpu_uuid(device: torch.device) -> str | None:
 
 
 def read_gpu(uuid: str | None = None) -> dict | None:
-    """Utilisation of our GPU and the compute processes on it other than this one, from nvidia-smi (None without)."""
+    """Utilisation of our GPU and the compute processes on it other than this one, from nvidia-smi (None without).
+
+    Where nvidia-smi's PIDs are of another PID namespace (``foreign_pids``), ``others`` lists every process on the
+    GPU, this one unrecognised among them, and only when there are several."""
     def query(what: str) -> list[list[str]]:
         out = subprocess.run(
             ["nvidia-smi", f"--query-{what}", "--format=csv,noheader,nounits"],
@@ -494,12 +492,19 @@ def read_gpu(uuid: str | None = None) -> dict | None:
         return None
     mine = [g for g in gpus if uuid is None or g[0] == uuid] or gpus[:1]
     util = _float(mine[0][1]) if mine else None
-    others = [
+    procs = [
         {"pid": int(a[1]), "used_mib": _float(a[2])}
         for a in apps
-        if len(a) >= 3 and a[1].isdigit() and int(a[1]) != os.getpid() and (uuid is None or a[0] == uuid)
+        if len(a) >= 3 and a[1].isdigit() and (uuid is None or a[0] == uuid)
     ]
-    return {"util_pct": util, "others": others}
+    pid = os.getpid()
+    if any(p["pid"] == pid for p in procs):
+        return {"util_pct": util, "others": [p for p in procs if p["pid"] != pid]}
+    # Our PID is in none of the entries: nvidia-smi reports PIDs of another namespace (a container sees host PIDs),
+    # so one of them is probably this process. Only more processes than one prove that someone else is there.
+    if len(procs) <= 1:
+        return {"util_pct": util, "others": []}
+    return {"util_pct": util, "others": procs, "foreign_pids": True}
 
 
 def _float(v: str) -> float | None:
@@ -517,7 +522,7 @@ class _Acc:
     ours: int = 0
     seconds: float = 0.0
     n: int = 0
-    max_share: float = 0.0
+    max_share: float = 0.0  # the highest others' share of one interval (the whole-run record's maximum)
 
     def add(self, a: CpuReading, b: CpuReading) -> dict:
         total = b.total - a.total
@@ -532,7 +537,7 @@ class _Acc:
         share = others / total if total > 0 else None
         if share is not None:
             self.max_share = max(self.max_share, share)
-        return {"others_cpu_share": share, "steal_share": steal / total if total > 0 else None}
+        return {"others_cpu_share": share}  # the point's own share (its TimingRow); steal only counts in total
 
     def shares(self) -> dict:
         if self.ticks <= 0:
@@ -573,6 +578,7 @@ class LoadMonitor:
         self._loadavg: list[float] = []
         self._gpu_util: list[float] = []
         self._gpu_others: dict[int, float] = {}
+        self._gpu_foreign_pids = False  # nvidia-smi's PIDs are of another namespace: ours is among them, unrecognised
         self._gpu_samples = 0
         self._readable = True
 
@@ -620,6 +626,7 @@ class LoadMonitor:
                 self._gpu_util.append(g["util_pct"])
             for o in g.get("others", []):
                 self._gpu_others[o["pid"]] = max(self._gpu_others.get(o["pid"], 0.0), o.get("used_mib") or 0.0)
+            self._gpu_foreign_pids |= bool(g.get("foreign_pids"))
 
     @contextmanager
     def window(self) -> Iterator[dict]:
@@ -661,6 +668,7 @@ class LoadMonitor:
                     "util_pct_mean": float(np.mean(self._gpu_util)) if self._gpu_util else None,
                     "util_pct_max": max(self._gpu_util) if self._gpu_util else None,
                     "other_processes": [{"pid": p, "used_mib_max": m} for p, m in sorted(self._gpu_others.items())],
+                    "foreign_pids": self._gpu_foreign_pids,
                 },
             }
         return out
@@ -688,7 +696,11 @@ def assess_reliability(load: dict, timings: Sequence[dict]) -> dict:
     gpu = load.get("gpu") or {}
     if gpu.get("other_processes"):
         procs = ", ".join(f"pid {p['pid']} ({p['used_mib_max']:.0f} MiB)" for p in gpu["other_processes"][:5])
-        warnings.append(f"other processes ran on the GPU during the run: {procs}")
+        if gpu.get("foreign_pids"):
+            warnings.append(f"{len(gpu['other_processes'])} compute processes shared the GPU during the run: {procs} "
+                            "(nvidia-smi reports PIDs of another namespace, so one of them is probably this one)")
+        else:
+            warnings.append(f"other processes ran on the GPU during the run: {procs}")
     unsteady = [f"{t['backend']}/{t['precision']} {t['tower']} b{t['batch']}" for t in timings if t.get("unsteady")]
     if unsteady:
         warnings.append(

@@ -25,11 +25,17 @@ import torch
 
 from priorclip.data import RetrievalSet
 from priorclip.encoder import Encoder, TorchEncoder, encode_images_with_order
-from priorclip.parity import TOLERANCES, compare_embeddings, min_images_for_dmr, tolerance_record, verdict
+from priorclip.parity import (
+    DMR_NOT_JUDGED,
+    TOLERANCES,
+    compare_embeddings,
+    min_images_for_dmr,
+    tolerance_record,
+    verdict,
+)
+from priorclip.numerics import fp32_matmuls
 from priorclip.retrieval import METRIC_KEYS, iter_image_batches
 from priorclip.tokenizer import get_tokenizer
-
-DMR_NOT_JUDGED = "too few items for a ΔmR verdict"
 
 
 @dataclass
@@ -71,12 +77,8 @@ def reference_embeddings(
     model, device: str | torch.device, data: PreparedSet, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The fp32 eager reference (image, text, belief order), with TF32 off (the reference numbers are plain fp32)."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with fp32_matmuls():
         return embed(TorchEncoder(model, device, torch.float32), data, batch)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _row(name: str, precision: str, c: dict, v: dict, source: str) -> dict:
@@ -138,12 +140,7 @@ def same_set(report: dict, data: PreparedSet) -> bool:
     """Whether an export parity report was computed on exactly this recall set."""
     if data.dataset is None or not isinstance(report, dict):
         return False
-    d = report.get("dataset") or {}
-    return (
-        report.get("n_images") == len(data.pixels)
-        and report.get("n_captions") == len(data.tokens)
-        and d == data.dataset.describe()
-    )
+    return report.get("dataset") == data.dataset.describe()  # describe() holds n_images and n_captions too
 
 
 def fmt_flips(f: dict | None) -> str:
@@ -151,8 +148,9 @@ def fmt_flips(f: dict | None) -> str:
 
 
 def fmt_dmr(r: dict) -> str:
-    """ΔmR, in parentheses when the set is too small for it to be judged."""
-    d = f"{r['delta']['mR']:+.2f}"
+    """ΔmR of a recall row (``delta.mR``) or a summary row (``dmr``), in parentheses when the set is too small for
+    it to be judged."""
+    d = f"{r['dmr'] if 'dmr' in r else r['delta']['mR']:+.2f}"
     return d if r.get("dmr_judged", True) else f"({d})"
 
 

@@ -282,12 +282,15 @@ def failing(doc: dict) -> list[str]:
 
 def labels(doc: dict) -> dict[str, str]:
     """Engine name -> its label in tables and plots: failing engines carry "[FAIL]" wherever they appear."""
-    return {n: f"{n} [FAIL]" for n in failing(doc)}
+    # a finalized report lists them in its summary; a bare one (tests' partial documents) is read from the engines
+    names = (doc.get("summary") or {}).get("failing")
+    return {n: f"{n} [FAIL]" for n in (failing(doc) if names is None else names)}
 
 
-def _label(doc: dict, backend: str, precision: str) -> str:
+def _label(lab: dict[str, str], backend: str, precision: str) -> str:
+    """An engine's label from :func:`labels` (computed once per table, not once per cell)."""
     n = _name(backend, precision)
-    return labels(doc).get(n, n)
+    return lab.get(n, n)
 
 
 def build_summary(doc: dict) -> dict:
@@ -509,20 +512,19 @@ def summary_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
         head.append(f"txt/s @{sm['largest_batch']}")
     head += [f"vs fp32 eager ({tw})", f"vs torch.compile ({tw})", f"b{b1} latency ms ({tw})", "ΔmR",
              "cos min (img/txt)", "rank flips", "verdict"]
-    tf32 = doc["config"].get("tf32")
+    # the runner records tf32 in the metadata of the engines the switch applies to: the label follows that record
+    tf32 = {(e["backend"], e["precision"]) for e in doc["engines"] if (e.get("metadata") or {}).get("tf32")}
     rows = []
-    from priorclip.benchmarks.recall import fmt_flips
+    from priorclip.benchmarks.recall import fmt_dmr, fmt_flips
 
     for r in sm["rows"]:
-        # TF32 is torch's switch: only the torch-run engines' fp32 changes with it
-        torch_run = r["backend"] in ("torch", "torch-compile", "aoti")
-        prec = r["precision"] + ("+TF32" if tf32 and torch_run and r["precision"] == "fp32" else "")
+        prec = r["precision"] + ("+TF32" if (r["backend"], r["precision"]) in tf32 else "")
         cells = [r["backend"], prec]
         for t in towers:
             cells.append(_fmt(r["items_per_s"][t], 1))
         lat = " / ".join(_fmt(r["latency"][t], 2) for t in towers)
         cos = r["cosine_min"]
-        dmr = "—" if r["dmr"] is None else (f"{r['dmr']:+.2f}" if r["dmr_judged"] else f"({r['dmr']:+.2f})")
+        dmr = "—" if r["dmr"] is None else fmt_dmr(r)
         cells += [
             _speedup_cell(r["speedup_eager"], r["precision"], towers),
             _speedup_cell(r["speedup_compile"], r["precision"], towers),
@@ -558,11 +560,12 @@ THROUGHPUT_HEAD = ["engine", "tower", "batch", "tokens", "items/s", "TFLOP/s", "
 
 
 def latency_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    lab = labels(doc)
     rows = []
     for t in doc["timings"]:
         share = t.get("others_cpu_share")
         rows.append([
-            _label(doc, t["backend"], t["precision"]),
+            _label(lab, t["backend"], t["precision"]),
             t["tower"],
             str(t["batch"]),
             _fmt(t["tokens"]),
@@ -578,9 +581,10 @@ def latency_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def throughput_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    lab = labels(doc)
     rows = [
         [
-            _label(doc, t["backend"], t["precision"]),
+            _label(lab, t["backend"], t["precision"]),
             t["tower"],
             str(t["batch"]),
             _fmt(t["tokens"]),
@@ -592,10 +596,6 @@ def throughput_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
         for t in doc["timings"]
     ]
     return THROUGHPUT_HEAD, rows
-
-
-def timing_rows(doc: dict) -> tuple[list[str], list[list[str]]]:  # kept for callers of schema 1
-    return throughput_rows(doc)
 
 
 def _md_table(head: list[str], rows: list[list[str]], right_from: int = 1) -> str:
@@ -613,9 +613,10 @@ def console_table(head: list[str], rows: list[list[str]]) -> str:
 
 def e2e_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     head = ["engine", "batch", "images", "workers", "JPEG→embedding img/s", "decode+transform only img/s"]
+    lab = labels(doc)
     rows = [
         [
-            _label(doc, e["backend"], e["precision"]),
+            _label(lab, e["backend"], e["precision"]),
             str(e["batch"]),
             str(e["n_images"]),
             str(e["workers"]),
@@ -629,6 +630,7 @@ def e2e_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
 
 def engine_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
     head = ["engine", "status", "verdict", "setup s", "notes"]
+    lab = labels(doc)
     rows = []
     for e in doc["engines"]:
         meta = e.get("metadata") or {}
@@ -637,7 +639,7 @@ def engine_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
             for k, v in meta.items()
             if k in ("compile_mode", "cuda_graphs", "provider", "fixed_text_length", "autocast", "format", "tf32")
         )
-        rows.append([_label(doc, e["backend"], e["precision"]), e["status"], e.get("verdict") or "—",
+        rows.append([_label(lab, e["backend"], e["precision"]), e["status"], e.get("verdict") or "—",
                      _fmt(e["setup_s"], 1), notes])
     return head, rows
 
@@ -659,6 +661,8 @@ def load_lines(doc: dict) -> list[str]:
     g = ld.get("gpu")
     if g is not None:
         procs = ", ".join(f"pid {p['pid']}" for p in g["other_processes"]) or "none seen"
+        if g.get("foreign_pids"):
+            procs += " (PIDs of another namespace: one is probably this process)"
         out.append(f"GPU ({g['samples']} nvidia-smi samples): utilisation {_fmt(g['util_pct_mean'], 0)} % mean, "
                    f"{_fmt(g['util_pct_max'], 0)} % max; other compute processes: {procs}")
     return out
@@ -820,6 +824,7 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
         lines.append(recall_table(rec["reference"], rec["engines"], labels(doc)))
     if doc["reference_points"] and doc["environment"]["device"].startswith("cuda"):
         ours = {(t["backend"], t["precision"], t["tower"], t["batch"]): t for t in doc["timings"]}
+        lab = labels(doc)
         rows = []
         for r in doc["reference_points"]:
             key = tuple(r["ours"])
@@ -828,7 +833,7 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
                 [
                     r["what"],
                     f"{r['items_per_s']:,}",
-                    f"{_label(doc, key[0], key[1])} {key[2]} b{key[3]}",
+                    f"{_label(lab, key[0], key[1])} {key[2]} b{key[3]}",
                     _fmt(mine["items_per_s"], 0) if mine else "not run",
                     f"{mine['items_per_s'] / r['items_per_s']:.2f}x" if mine else "—",
                 ]
@@ -847,9 +852,10 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
 def plot_series(doc: dict, tower: str) -> dict[str, list[tuple[int, float]]]:
     """Legend label (failing engines marked "[FAIL]") -> [(batch, pipelined items/s)] of one tower."""
     series: dict[str, list[tuple[int, float]]] = {}
+    lab = labels(doc)
     for t in doc["timings"]:
         if t["tower"] == tower:
-            series.setdefault(_label(doc, t["backend"], t["precision"]), []).append((t["batch"], t["items_per_s"]))
+            series.setdefault(_label(lab, t["backend"], t["precision"]), []).append((t["batch"], t["items_per_s"]))
     return {k: sorted(v) for k, v in series.items()}
 
 

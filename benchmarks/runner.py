@@ -10,8 +10,8 @@ Sets (all drawn class-spread, deterministic):
 - recall set: ``--dataset``, else the real dataset when one is reachable (:func:`priorclip.data.default_dataset`),
   else a generated set, labelled as generated in every report. Size: the whole split on GPU; on CPU
   :data:`CPU_RECALL_IMAGES` images, the smallest set on which every precision's ΔmR is judged;
-- INT8 calibration set: the dataset's train split (never the evaluated split), else a generated set with another
-  seed than the recall set's.
+- INT8 calibration set: the dataset's train split (its val split when train is the evaluated one: never the
+  evaluated split), else a generated set with another seed than the recall set's.
 """
 
 from __future__ import annotations
@@ -221,42 +221,25 @@ def _calibration_set(opts: BenchOptions, source, tmp: Path):
     """(calibration set, its description) for INT8: the dataset's train split (``val`` when the train split is the
     one evaluated), drawn class-spread, else a generated set (seed 1) that shares no image with the generated recall
     set (seed 0). Never the evaluated split itself."""
-    from priorclip.data import describe_selection, image_label, load_karpathy, spread
+    from priorclip.data import has_split, load_karpathy
+    from priorclip.export.api import CalibrationSet
 
     n_img, n_cap = opts.calib_images, opts.calib_captions
     if source is not None:
         json_path, images, _ = source
         split = "train" if opts.split != "train" else "val"
-        try:
+        if has_split(json_path, images, split):  # any other problem with the dataset is an error, not a silent fallback
             ds = load_karpathy(json_path, images, split=split)
-        except PriorCLIPError:
-            ds = None  # no such split: generated data below
-        if ds is not None:
-            labels = ds.labels  # a property that re-derives every label: read it once
-            picked = spread(list(ds.images), labels, n_img, CALIB_SEED)
-            caps = spread(list(ds.captions), [labels[i] for i in ds.caption_image], n_cap, CALIB_SEED)
-            desc = {"name": json_path.name, "split": split, "generated": False,
-                    "n_captions": len(caps), **describe_selection([image_label(p) for p in picked],
-                    selection={"method": "class-spread", "seed": CALIB_SEED, "from_images": len(ds.images),
-                               "from_classes": len(set(labels))})}
-            return _calib(picked, caps, f"{json_path.name} split {split}: {desc['coverage']}"), desc
+            picked, caps, cover = ds.spread_draw(n_img, n_cap, CALIB_SEED)
+            desc = {"name": json_path.name, "split": split, "generated": False, **cover}
+            return CalibrationSet(picked, caps, f"{json_path.name} split {split}: {cover['coverage']}"), desc
     from priorclip.synthetic import make_sample
 
     json_path, img_dir = make_sample(tmp / "calib-set", n_images=n_img, seed=CALIB_SEED, split="train")
-    ds = load_karpathy(json_path, img_dir, split="train")
-    labels = ds.labels
-    caps = spread(list(ds.captions), [labels[i] for i in ds.caption_image], n_cap, CALIB_SEED)
+    picked, caps, cover = load_karpathy(json_path, img_dir, split="train").spread_draw(0, n_cap, CALIB_SEED)
     desc = {"name": f"GENERATED set (priorclip.synthetic.make_sample, seed {CALIB_SEED})", "split": "train",
-            "generated": True, "n_captions": len(caps), **describe_selection(labels)}
-    return _calib(list(ds.images), caps, f"generated (seed {CALIB_SEED}): {desc['coverage']}"), desc
-
-
-def _calib(images, captions, source: str):
-    try:
-        from priorclip.export.api import CalibrationSet
-    except Exception:  # noqa: BLE001 - without the export package no int8 engine builds anyway
-        from types import SimpleNamespace as CalibrationSet
-    return CalibrationSet(images=list(images), captions=list(captions), source=source)
+            "generated": True, **cover}
+    return CalibrationSet(picked, caps, f"generated (seed {CALIB_SEED}): {cover['coverage']}"), desc
 
 
 def _free(device: torch.device) -> None:
@@ -313,14 +296,15 @@ def run_bench(
     if load_monitor is None:
         uuid = harness.gpu_uuid(device) if dev == "cuda" else None
         load_monitor = harness.LoadMonitor(gpu_reader=(lambda: harness.read_gpu(uuid)) if dev == "cuda" else None)
-    load_monitor.start()
-    # fp32 engines are plain fp32 unless --tf32 (torch's cuDNN default would run the prior's convolutions in TF32)
     saved_tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(opts.tf32)
-    tmp_ctx = tempfile.TemporaryDirectory(prefix="priorclip-bench-")
-    tmp = Path(tmp_ctx.name)
-    workdir = Path(opts.workdir) if opts.workdir else tmp / "engines"
-    try:
+    tmp_ctx = None
+    try:  # everything changed from here on is undone in `finally`, whatever fails first
+        load_monitor.start()
+        # fp32 engines are plain fp32 unless --tf32 (torch's cuDNN default would run the prior's convolutions in TF32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(opts.tf32)
+        tmp_ctx = tempfile.TemporaryDirectory(prefix="priorclip-bench-")
+        tmp = Path(tmp_ctx.name)
+        workdir = Path(opts.workdir) if opts.workdir else tmp / "engines"
         log("measuring the matrix-product peak ...")
         peaks = harness.measure_peak_tflops(device, quick=opts.quick_peak)
 
@@ -410,6 +394,7 @@ def run_bench(
                 first_calls_s = harness.prime(engine, cfg, batch_sizes, text_length, opts.towers)
                 setup = time.perf_counter() - t0
                 engine.info.update({"build_s": round(build_s, 3), "first_calls_s": round(first_calls_s, 3)})
+                # TF32 is torch's switch: only torch-run fp32 engines follow it; the report's "+TF32" label reads this
                 if dev == "cuda" and precision == "fp32" and backend in ("torch", "torch-compile", "aoti"):
                     engine.info["tf32"] = bool(opts.tf32)
                 log(f"[{name}] built in {build_s:.1f} s; first call per batch size (compilation) {first_calls_s:.1f} s")
@@ -475,7 +460,8 @@ def run_bench(
     finally:
         load_monitor.stop()
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
-        tmp_ctx.cleanup()
+        if tmp_ctx is not None:
+            tmp_ctx.cleanup()
     return doc
 
 

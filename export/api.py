@@ -139,10 +139,21 @@ def _export_onnx(model, out_dir: Path, precision: str, calib, calib_method: str,
                                               for t, tab in tables.items()}
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    info["op_counts"] = {t: op_counts(_light(p)) for t, p in paths.items()}
-    info["opset"] = {t: max(i.version for i in _light(p).opset_import if i.domain in ("", "ai.onnx"))
-                     for t, p in paths.items()}  # the int8 tensorrt layout raises it to 19 (fp16 Q/DQ)
+    graphs = {t: _light(p) for t, p in paths.items()}  # each graph read once for both summaries
+    info["op_counts"] = {t: op_counts(g) for t, g in graphs.items()}
+    info["opset"] = {t: max(i.version for i in g.opset_import if i.domain in ("", "ai.onnx"))
+                     for t, g in graphs.items()}  # the int8 tensorrt layout raises it to 19 (fp16 Q/DQ)
     return paths, info
+
+
+def _check_keep_fp(model, keep_fp: Iterable[str]) -> None:
+    """Fail before any work when a ``keep_fp`` pattern names no module or parameter (a typo would otherwise quietly
+    quantise what the user meant to keep, since the patterns replace the default set)."""
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    for p in keep_fp:
+        if not any(_q._matching(n, (p,)) for n in names):
+            raise ExportError(f"--keep-fp {p!r} matches no layer of {model.cfg.name} (patterns are module paths, "
+                              "e.g. 'visual.conv1', 'res_visual.attnpool*')")
 
 
 def _light(path: Path):
@@ -217,6 +228,8 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
     if precision == "int8" and format == "trt" and int8_target != "tensorrt":
         raise ExportError(f"--int8-target {int8_target} is not a TensorRT layout (uint8 activations); "
                           "--format trt needs --int8-target tensorrt")
+    if precision == "int8" and keep_fp is not None:
+        _check_keep_fp(model, keep_fp)
     out_dir = ensure_writable_dir(out_dir)
     model = _cpu_fp32(model)
     cfg = model.cfg
@@ -291,7 +304,7 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
         for t in ("image", "text"):
             _log(progress, f"building the TensorRT {t} engine")
             built = _trt.build_engine(files[t], out_dir / f"{t}_encoder.plan", shapes[t], out_dir / "timing.cache",
-                                      trt=trt)
+                                      trt=trt, tf32=precision != "fp32")
             engines[t] = built["plan"]
             manifest["tensorrt"].setdefault("builds", {})[t] = built
         manifest["tensorrt"]["engines"] = engines
@@ -314,25 +327,13 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
     return ExportResult(out_dir, manifest, parity, files)
 
 
-class _fp32_matmuls:
-    """TF32 off for CUDA matmuls and convolutions inside the block (restored after): fp32 parity is fp32."""
-
-    def __enter__(self):
-        self._saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self._saved
-        return False
-
-
 def run_parity(model, out_dir: Path, manifest: dict, parity_set, device: str, batch_size: int,
                progress: bool, reference_embeddings=None) -> dict:
     from priorclip.encoder import TorchEncoder
+    from priorclip.numerics import fp32_matmuls
 
     from .engines import open_engine
-    from .parity import format_parity_table, parity_report
+    from .parity import format_parity_table, parity_report, reference_embed
 
     _log(progress, f"parity on {parity_set.describe()['coverage']}, {len(parity_set.captions)} captions")
     engine = open_engine(out_dir, device=device)
@@ -340,15 +341,20 @@ def run_parity(model, out_dir: Path, manifest: dict, parity_set, device: str, ba
     # cached reference_embeddings (image, text[, belief order]) skips it.
     ref_dev = getattr(engine, "device", torch.device("cpu"))
     ref_dev = ref_dev if torch.device(ref_dev).type == "cuda" else torch.device("cpu")
-    if reference_embeddings is None and ref_dev.type == "cuda":
-        import copy
+    ref = reference_embeddings
+    if ref is None:
+        if ref_dev.type == "cuda":
+            import copy
 
-        reference = TorchEncoder(copy.deepcopy(model), ref_dev)  # a copy: the caller's model stays on the CPU
-    else:
-        reference = TorchEncoder(model, "cpu")
-    with _fp32_matmuls():
-        report = parity_report(engine, reference, parity_set, manifest["precision"], batch_size, progress=False,
-                               reference_embeddings=reference_embeddings)
+            reference = TorchEncoder(copy.deepcopy(model), ref_dev)  # a copy: the caller's model stays on the CPU
+        else:
+            reference = TorchEncoder(model, "cpu")
+        # TF32 off for the reference only: the engine runs outside the block, with the global settings it is served
+        # with (an AOTInductor CUDA package's convolutions read cudnn.allow_tf32 at run time).
+        with fp32_matmuls():
+            ref = reference_embed(reference, parity_set, batch_size)
+    report = parity_report(engine, None, parity_set, manifest["precision"], batch_size, progress=False,
+                           reference_embeddings=ref)
     report["reference_device"] = "cached" if reference_embeddings is not None else str(ref_dev)
     name = f"{manifest['format']}-{manifest['precision']}"
     if manifest.get("calibration"):

@@ -49,21 +49,16 @@ def load_calibration(path: Path, image_root: Path | None, split: str, n_images: 
         if caps_file is None:
             raise DataError(f"{path}: no captions.txt or captions.json for the text encoder's calibration")
         captions = read_captions(caps_file)
-        caption_labels = [str(i) for i in range(len(captions))]  # no classes: a seeded random draw
+        picked = spread(images, [image_label(p) for p in images], n_images, seed)
+        # captions of a folder belong to no class: the spread over one label per caption is a seeded random draw
+        captions = spread(captions, [str(i) for i in range(len(captions))], n_captions, seed)
+        cover = describe_selection([image_label(p) for p in picked])
         source = str(path)
     else:
-        ds = _karpathy(path, image_root, split)
-        images, captions, source = ds.images, ds.captions, f"{path} (split {split})"
-        image_labels = ds.labels  # a property that re-reads every path: once, not once per caption
-        caption_labels = [image_labels[i] for i in ds.caption_image]
-    labels = [image_label(p) for p in images]
-    picked = spread(list(images), labels, n_images, seed)
-    captions = spread(list(captions), caption_labels, n_captions, seed)
-    cover = describe_selection([image_label(p) for p in picked])
-    return CalibrationSet(list(picked), list(captions),
-                          f"{source}: {len(picked)} images over {cover['n_classes']} classes "
-                          f"({cover['per_class_min']}-{cover['per_class_max']} each, class-spread seed {seed}), "
-                          f"{len(captions)} captions")
+        picked, captions, cover = _karpathy(path, image_root, split).spread_draw(n_images, n_captions, seed)
+        source = f"{path} (split {split})"
+    return CalibrationSet(picked, captions, f"{source}: {cover['coverage']} (class-spread seed {seed}), "
+                                            f"{len(captions)} captions")
 
 
 def load_parity_set(parity_data: Path | None, image_root: Path | None, split: str, n_images: int | None):
@@ -79,11 +74,15 @@ def load_parity_set(parity_data: Path | None, image_root: Path | None, split: st
         ds = load_karpathy(found[0], found[1], split)
         origin = f"{found[0]} (split {split}; found by default, --parity-data overrides)"
     else:
+        import atexit
+        import shutil
         import tempfile
 
         from priorclip.synthetic import make_sample
 
-        j, imgs = make_sample(Path(tempfile.mkdtemp(prefix="priorclip-parity-")), GENERATED_PARITY_IMAGES)
+        tmp = tempfile.mkdtemp(prefix="priorclip-parity-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # read until the parity report is written
+        j, imgs = make_sample(Path(tmp), GENERATED_PARITY_IMAGES)
         ds = load_karpathy(j, imgs)
         origin = ("GENERATED scenes (priorclip.synthetic, seed 0): no real dataset found; pass --parity-data or set "
                   "$PRIORCLIP_DATASET for a verdict on real images")
@@ -117,7 +116,8 @@ GENERATED_PARITY_IMAGES = 64
 @click.option("--calib-captions", type=int, default=1024, show_default=True, help="Calibration captions (0 = all).")
 @click.option("--keep-fp", multiple=True, metavar="PATTERN",
               help="INT8: leave layers matching this module-path pattern unquantised (repeatable), e.g. "
-              "'res_visual.attnpool*', 'visual.conv1'. Default: the measured set in priorclip.export.quantize.")
+              "'res_visual.attnpool*', 'visual.conv1'. Replaces the default, the measured set "
+              "visual.conv1, res_visual.attnpool*, vision_proj_res (priorclip.export.quantize.DEFAULT_KEEP_FP).")
 @click.option("--fp16-keep", multiple=True, metavar="PATTERN",
               help="FP16: also keep layers matching this module-path pattern in fp32 (repeatable), e.g. 'res_visual' "
               "for the whole prior; added to the measured default (norms, softmax, reductions, the belief gate).")

@@ -10,15 +10,23 @@ Output contract (shared by every engine here and in :mod:`priorclip.serve.engine
   tensors **on the engine's own device** (``engine.device``); callers that need host data call ``.cpu()``. On CUDA
   nothing is copied to the host per call: inputs are read from, and outputs written to, torch CUDA tensors
   (ONNX Runtime through I/O binding, TensorRT through tensor addresses), on a private stream ordered after the
-  caller's current stream and before its later work, with no host synchronisation.
+  caller's current stream and before its later work (GPU-side waits). The engines add no host synchronisation:
+  TensorRT's ``execute_async_v3`` only enqueues, and ONNX Runtime runs with the run option
+  ``disable_synchronize_execution_providers=1``, so ``run_with_iobinding`` does not wait for the stream at its end
+  (it may still wait inside a run for a device-to-host copy feeding a node it placed on the CPU, e.g. shape
+  arithmetic). A caller reading the results on the host synchronises by its own ``.cpu()`` (or an explicit sync).
 * ``encode_images_with_order(pixels)`` returns ``(embeddings, belief_order [B, T] int64 | None)``: the gate's own
   order, from the image graph's second output ``belief_order``; ``None`` for graphs without one (plain CLIP, the
   ``2belief`` gate, exports made before the output existed).
-* Pixels must be floating point ``[B, 3, S, S]`` and tokens int64/int32 ``[B, L <= context]``; anything else is a
-  ``ValueError``. Token batches are cut to their longest caption (EOT + 1, at least 2), exactly like the reference's
-  ``trim_text``.
+* Pixels must be floating point ``[B, 3, S, S]`` and tokens int64/int32 ``[B, L <= context]`` with ids in
+  ``[0, vocab_size)``; anything else is a ``ValueError``. Token batches are cut to their longest caption (EOT + 1,
+  at least 2), exactly like the reference's ``trim_text``.
+* A missing or damaged export file, or a missing runtime, is a :class:`~priorclip.errors.PriorCLIPError` of one line.
 
 The CPU ONNX Runtime path keeps numpy in and out (``session.run``), which is what ORT's CPU provider wants.
+
+Engines are not thread-safe: each keeps per-tower runtime state between calls (TensorRT execution contexts, ONNX
+Runtime I/O bindings, one private CUDA stream). Use one engine per thread.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from priorclip.config import VisionConfig
 from priorclip.errors import PriorCLIPError
 
 from .onnx_export import IMAGE_INPUT, MIN_TEXT_LEN, ORDER_OUTPUT, OUTPUT, TEXT_INPUT
@@ -44,6 +53,10 @@ _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _EMB_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ORDER_DTYPES = (torch.int64, torch.int32)
+_PIXEL_DTYPES = (torch.float32, torch.float16)
+_TOKEN_DTYPES = (torch.int64, torch.int32)
+ONNX_OPTIONS = ("threads", "io_binding")  # open_engine keyword options; only ONNX Runtime engines take any
+ORT_INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)"
 
 
 def read_manifest(export_dir: str | Path) -> dict:
@@ -64,16 +77,24 @@ def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, : min(n, tokens.shape[1])]
 
 
-def check_io(where: str, tower: str, inputs: list[str], outputs: dict[str, torch.dtype]) -> bool:
-    """Check a graph's / plan's own I/O against what a priorclip ``tower`` has; True when it has ``belief_order``.
+def check_io(where: str, tower: str, inputs: dict[str, torch.dtype | str],
+             outputs: dict[str, torch.dtype | str]) -> bool:
+    """Check a graph's / plan's own I/O (name -> dtype, or the runtime's type name where torch has none) against
+    what a priorclip ``tower`` has; True when it has ``belief_order``.
 
-    A wrong name or dtype is one error line: binding by position would silently read the wrong tensor.
+    A wrong name or dtype is one error line: binding by position would silently read the wrong tensor, and a wrong
+    input type would hand the runtime bytes it reads as something else.
     """
-    want_in = IMAGE_INPUT if tower == "image" else TEXT_INPUT
-    allowed = {OUTPUT, ORDER_OUTPUT} if tower == "image" else {OUTPUT}
+    image = tower == "image"
+    want_in = IMAGE_INPUT if image else TEXT_INPUT
+    allowed = {OUTPUT, ORDER_OUTPUT} if image else {OUTPUT}
     if list(inputs) != [want_in]:
         raise PriorCLIPError(f"{where}: inputs {list(inputs)}, expected ['{want_in}'] "
                              f"(not a priorclip {tower} encoder)")
+    in_types = _PIXEL_DTYPES if image else _TOKEN_DTYPES
+    if inputs[want_in] not in in_types:
+        raise PriorCLIPError(f"{where}: input '{want_in}' is {inputs[want_in]}, expected "
+                             f"{' or '.join(map(str, in_types))}")
     unexpected = sorted(set(outputs) - allowed)
     if OUTPUT not in outputs or unexpected:
         raise PriorCLIPError(f"{where}: outputs {sorted(outputs)}, expected '{OUTPUT}'"
@@ -94,6 +115,26 @@ def _cuda_device(device: str | torch.device, what: str) -> torch.device:
     if not torch.cuda.is_available():
         raise PriorCLIPError(f"{what} needs a CUDA device and a CUDA build of torch; neither is available here")
     return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise PriorCLIPError(f"{path}: {what} is missing (an incomplete or moved export directory); re-export it")
+    return path
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except Exception as e:  # ImportError, or a broken install failing on its native libraries
+        raise PriorCLIPError(f"ONNX Runtime is not installed ({_first_line(e)}); install it with: "
+                             f"{ORT_INSTALL_HINT}") from None
+    return ort
 
 
 class _CudaStream:
@@ -126,8 +167,10 @@ class _Base:
         cfg = manifest["model"]["config"]
         v = cfg["vision"]
         self.image_size = int(v["image_size"])
-        self.num_tokens = (int(v["image_size"]) // int(v["patch_size"])) ** 2 + 1
+        self.num_tokens = VisionConfig(**v).num_tokens
         self.context_length = int(cfg["text"]["context_length"])
+        vocab = cfg["text"].get("vocab_size")
+        self.vocab_size = int(vocab) if vocab else None  # ids outside [0, vocab) index past the embedding table
         self.embed_dim = int(cfg["embed_dim"])
         self.max_batch = int(manifest["io"]["batch"]["max"])
         # What the manifest promises; engines that can ask their runtime replace it with the graph's own answer.
@@ -149,6 +192,13 @@ class _Base:
             raise ValueError(f"encode_texts expects token ids [B,L<={self.context_length}], got {_describe(tokens)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"encode_texts expects int64 token ids, got {tokens.dtype}")
+        # An out-of-range id is an error in ONNX Runtime's CPU Gather but reads past the table on a GPU: check it
+        # here, with one reduction (trim_tokens reads the ids on the host anyway).
+        if self.vocab_size and tokens.numel():
+            lo, hi = (int(v) for v in tokens.aminmax())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"encode_texts expects token ids in [0, {self.vocab_size}), got ids from {lo} to "
+                                 f"{hi} (a tokenizer for another vocabulary?)")
 
     def _empty_order(self) -> torch.Tensor | None:
         return torch.zeros(0, self.num_tokens, dtype=torch.int64, device=self.device) if self.has_order else None
@@ -247,13 +297,14 @@ class OnnxEngine(_Base):
 
     ``io_binding`` (default: on for CUDA) binds torch tensors as inputs and preallocated torch tensors as outputs
     (``IOBinding`` + ``run_with_iobinding``) instead of passing numpy arrays; on CPU it is available for zero-copy
-    use and for tests, but ``session.run`` with numpy is the default there.
+    use and for tests, but ``session.run`` with numpy is the default there. One ``IOBinding`` per tower is kept and
+    cleared after each call (so the engine, like every engine here, is not for concurrent use from several threads).
     """
 
     def __init__(self, export_dir: Path, manifest: dict, device: str = "cpu", provider: str | None = None,
                  threads: int | None = None, io_binding: bool | None = None) -> None:
         super().__init__(export_dir, manifest)
-        import onnxruntime as ort
+        ort = _import_ort()
 
         dev = torch.device(device)
         if provider is None:
@@ -264,6 +315,7 @@ class OnnxEngine(_Base):
                 + ("; install onnxruntime-gpu" if provider == CUDA_EP else ""))
         self.provider = provider
         self._stream: _CudaStream | None = None
+        self._run_options = None
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
@@ -276,22 +328,32 @@ class OnnxEngine(_Base):
                     "user_compute_stream": str(self._stream.handle)}
             providers = [(provider, opts), CPU_EP]  # CPU only for the shape arithmetic ORT puts there itself
             so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-            self._ort_device = "cuda"
+            # Without this Run ends with a stream synchronise; _CudaStream.end() orders the outputs instead.
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         else:
             self.device = torch.device("cpu")
             providers = [provider]
-            self._ort_device = "cpu"
-        self._device_id = self.device.index or 0
+        # Where bound buffers live, as ORT names it (from the provider: tests stand the CPU in for the CUDA device).
+        self._bind_at = ("cuda" if provider == CUDA_EP else "cpu", self.device.index or 0)
         self.io_binding = (provider == CUDA_EP) if io_binding is None else bool(io_binding)
         if provider == CUDA_EP and not self.io_binding:
             raise PriorCLIPError("the CUDA provider always runs with I/O binding (device tensors in and out)")
         files = manifest["files"]
         self.node_placement: dict[str, dict | None] = {}
         self._outputs: dict[str, dict[str, torch.dtype]] = {}
+        self._inputs: dict[str, torch.dtype] = {}
+        self._widths: dict[str, dict[str, int]] = {}
+        self._bindings: dict = {}
         sessions = {}
         for tower in ("image", "text"):
-            path = self.export_dir / files[tower]
-            sess = ort.InferenceSession(str(path), so, providers=providers)
+            path = _require_file(self.export_dir / files[tower], f"the {tower} graph")
+            try:
+                sess = ort.InferenceSession(str(path), so, providers=providers)
+            except Exception as e:  # InvalidProtobuf, NoSuchFile, Fail (a missing .onnx.data), ...: one line
+                raise PriorCLIPError(f"{path.name}: ONNX Runtime could not load this graph ({_first_line(e)}); a "
+                                     "damaged or incomplete export (the .onnx and its .onnx.data belong together): "
+                                     "re-export it") from None
             check_providers(sess, provider, path.name)
             if hasattr(sess, "disable_fallback"):
                 sess.disable_fallback()  # an EP failure while running must raise, not silently rerun on the CPU
@@ -304,33 +366,43 @@ class OnnxEngine(_Base):
                     raise PriorCLIPError(f"{path.name}: output {o.name!r} has type {o.type}, which priorclip "
                                          "cannot bind")
                 outputs[o.name] = _ORT_TYPES[o.type]
-            has_order = check_io(path.name, tower, [i.name for i in sess.get_inputs()], outputs)
+            inputs = {i.name: _ORT_TYPES.get(i.type, i.type) for i in sess.get_inputs()}
+            has_order = check_io(path.name, tower, inputs, outputs)
             if tower == "image":
                 self.has_order = has_order  # the graph decides: exports older than the order output have none
-            self._outputs[tower] = outputs
+            self._outputs[tower], self._inputs[tower] = outputs, inputs[IMAGE_INPUT if tower == "image" else TEXT_INPUT]
+            self._widths[tower] = {o.name: _output_width(o, manifest["io"][tower], path.name)
+                                   for o in sess.get_outputs()}
+            if self.io_binding:
+                self._bindings[tower] = sess.io_binding()
             sessions[tower] = sess
         self.image_session, self.text_session = sessions["image"], sessions["text"]
         short = "cuda" if provider == CUDA_EP else provider.removesuffix("ExecutionProvider").lower()
         self.name = f"onnxruntime-{short}"
 
-    def _widths(self, name: str) -> int:
-        return self.num_tokens if name == ORDER_OUTPUT else self.embed_dim
-
     def _bound(self, session, tower: str, in_name: str, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
         """Run with I/O binding: ``x`` (on :attr:`device`) in, preallocated tensors on :attr:`device` out."""
         x = x.contiguous()
-        binding = session.io_binding()
-        binding.bind_input(in_name, self._ort_device, self._device_id, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
-        outs = []
-        for name in names:  # only the outputs asked for are bound, so only those are computed
-            t = torch.empty(x.shape[0], self._widths(name), dtype=self._outputs[tower][name], device=self.device)
-            binding.bind_output(name, self._ort_device, self._device_id, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
-            outs.append(t)
-        if self._stream is not None:
-            self._stream.begin()
-        session.run_with_iobinding(binding)
-        if self._stream is not None:
-            self._stream.end()
+        binding, (where, index) = self._bindings[tower], self._bind_at
+        try:
+            binding.bind_input(in_name, where, index, _NUMPY[x.dtype], tuple(x.shape), x.data_ptr())
+            outs = []
+            for name in names:  # only the outputs asked for are bound, so only those are computed
+                t = torch.empty(x.shape[0], self._widths[tower][name], dtype=self._outputs[tower][name],
+                                device=self.device)
+                binding.bind_output(name, where, index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+                outs.append(t)
+            if self._stream is None:
+                session.run_with_iobinding(binding)
+            else:
+                self._stream.begin()
+                try:
+                    session.run_with_iobinding(binding, self._run_options)
+                finally:  # ORT raising may have enqueued work that still uses x and the outputs
+                    self._stream.end()
+        finally:  # the binding holds raw pointers into tensors this call owns: drop them
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
         return outs
 
     def _run(self, session, tower: str, in_name: str, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
@@ -341,11 +413,23 @@ class OnnxEngine(_Base):
 
     def _run_image(self, pixels: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         names = [OUTPUT, ORDER_OUTPUT] if with_order and self.has_order else [OUTPUT]
-        outs = self._run(self.image_session, "image", IMAGE_INPUT, pixels.detach().to(torch.float32), names)
+        outs = self._run(self.image_session, "image", IMAGE_INPUT, pixels.detach().to(self._inputs["image"]), names)
         return outs[0].float(), (outs[1].long() if len(outs) > 1 else None)
 
     def _run_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._run(self.text_session, "text", TEXT_INPUT, tokens.detach().to(torch.int64), [OUTPUT])[0].float()
+        x = tokens.detach().to(self._inputs["text"])
+        return self._run(self.text_session, "text", TEXT_INPUT, x, [OUTPUT])[0].float()
+
+
+def _output_width(output, io: dict, where: str) -> int:
+    """The static width of a [batch, width] graph output: the graph's own, else the manifest's."""
+    width = output.shape[-1] if output.shape else None
+    if not isinstance(width, int):
+        width = next((o["shape"][-1] for o in io.get("outputs", []) if o.get("name") == output.name), None)
+    if not isinstance(width, int):
+        raise PriorCLIPError(f"{where}: output {output.name!r} has no static width (shape {output.shape}) and the "
+                             "manifest gives none; priorclip cannot preallocate it")
+    return width
 
 
 # ------------------------------------------------------------------------------------------------- AOTInductor
@@ -363,9 +447,15 @@ class AotiEngine(_Base):
         self.device = torch.device(device)
         from torch._inductor import aoti_load_package
 
-        files = manifest["files"]
-        self._image = aoti_load_package(str(self.export_dir / files["image"]))
-        self._text = aoti_load_package(str(self.export_dir / files["text"]))
+        def load(tower: str):
+            path = _require_file(self.export_dir / manifest["files"][tower], f"the {tower} AOTInductor package")
+            try:
+                return aoti_load_package(str(path))
+            except Exception as e:  # RuntimeError "not a ZIP archive", a package from another torch, ...
+                raise PriorCLIPError(f"{path.name}: torch {torch.__version__} could not load this AOTInductor "
+                                     f"package ({_first_line(e)}); re-export it with this torch") from None
+
+        self._image, self._text = load("image"), load("text")
         self.name = f"aoti-{self.device.type}"
 
     def _run_image(self, pixels: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -406,12 +496,12 @@ class TrtEngine(_Base):
         self._profiles = manifest["tensorrt"].get("profiles", {})
         self._engines, self._contexts, self._io = {}, {}, {}
         for tower in ("image", "text"):
-            data = (self.export_dir / plans[tower]).read_bytes()
+            data = _require_file(self.export_dir / plans[tower], f"the TensorRT {tower} plan").read_bytes()
             eng = runtime.deserialize_cuda_engine(data)
             if eng is None:
                 raise PriorCLIPError(f"{plans[tower]}: TensorRT could not deserialise the plan (version mismatch?)")
             io = engine_io(trt, eng, plans[tower])
-            has_order = check_io(plans[tower], tower, [n for n, v in io.items() if v["mode"] == "input"],
+            has_order = check_io(plans[tower], tower, {n: v["dtype"] for n, v in io.items() if v["mode"] == "input"},
                                  {n: v["dtype"] for n, v in io.items() if v["mode"] == "output"})
             if tower == "image":
                 self.has_order = has_order
@@ -449,8 +539,10 @@ class TrtEngine(_Base):
                 raise PriorCLIPError(f"TensorRT {tower} engine refused the address of output '{name}'")
             outs[name] = t
         self._stream.begin()
-        ok = ctx.execute_async_v3(self._stream.handle)
-        self._stream.end()
+        try:
+            ok = ctx.execute_async_v3(self._stream.handle)
+        finally:  # also when it raises: the caller's stream must not run ahead of anything enqueued
+            self._stream.end()
         if not ok:
             raise PriorCLIPError(f"TensorRT {tower} engine failed to enqueue (see the TensorRT log above)")
         return outs
@@ -466,10 +558,18 @@ class TrtEngine(_Base):
 
 def open_engine(export_dir: str | Path, device: str = "cpu", provider: str | None = None, **kwargs):
     """Open an export directory as an :class:`~priorclip.encoder.Encoder` (``.name``, ``.precision``, ``.metadata``,
-    ``.device``, ``encode_images_with_order``)."""
+    ``.device``, ``encode_images_with_order``).
+
+    ``kwargs``: ONNX Runtime options (:data:`ONNX_OPTIONS`: ``threads``, ``io_binding``); passing one for another
+    format is an error rather than silently ignored. ``provider`` is ONNX Runtime's and ignored by other formats.
+    """
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     fmt = manifest.get("format")
+    unsupported = sorted(set(kwargs) - set(ONNX_OPTIONS if fmt == "onnx" else ()))
+    if unsupported and fmt in ("onnx", "aoti", "trt"):
+        raise PriorCLIPError(f"open_engine: option {', '.join(unsupported)} does not apply to this {fmt} export "
+                             f"({export_dir}); only ONNX exports take options ({', '.join(ONNX_OPTIONS)})")
     if fmt == "onnx":
         return OnnxEngine(export_dir, manifest, device, provider, **kwargs)
     if fmt == "aoti":

@@ -7,7 +7,8 @@ layout of :data:`VARIANTS` from one shared calibration run (class-spread train i
 * the integer kernels ONNX Runtime's CPU provider builds after its graph optimisation (QLinearConv,
   MatMulIntegerToFloat, QGemm, ...) and the float GEMMs left (:func:`~.quantize.ort_kernel_counts`);
 * image-encoder throughput at ``--batch`` (default 8) of torch eager fp32, ORT fp32 and each layout, timed
-  interleaved (every round runs every engine once, medians over rounds) with the load average before and after;
+  interleaved (every round runs every engine once, medians over rounds), with the benchmarks' load record over the
+  timed rounds (:class:`~priorclip.benchmarks.harness.LoadMonitor`: other processes' CPU share, steal);
 * parity with the fp32 PyTorch reference on a class-spread held-out set (:mod:`priorclip.parity`: cosine, belief
   rank flips, ΔmR) and its verdict against the int8 tolerance.
 
@@ -39,7 +40,10 @@ from . import quantize as _q
 # name -> (int8 target, keep_fp patterns, fp16 conversion for the tensorrt target[, options]); options:
 # "activation_type" for quantize_int8, "session_config" for the timed ONNX Runtime session.
 VARIANTS: dict[str, tuple] = {
-    "legacy: int8 Q/DQ on layer inputs, fp32 graph": ("tensorrt", ("visual.conv1",), False),
+    # A reconstruction, not the earlier code: int8 activations, Q/DQ on layer inputs only, no fp16 conversion, but
+    # fp16-rounded scales and one DQ per use as the tensorrt layout has them. Named "legacy: int8 Q/DQ on layer
+    # inputs, fp32 graph" in the results of 2026-11-27.
+    "tensorrt Q/DQ layout on the fp32 graph (close to the old layout)": ("tensorrt", ("visual.conv1",), False),
     "ort-cpu: everything int8 but the ViT stem": ("ort-cpu", ("visual.conv1",), None),
     "ort-cpu: default (prior's attnpool + vision_proj_res fp32)": ("ort-cpu", _q.DEFAULT_KEEP_FP, None),
     "ort-cpu: gate inputs fp32 (whole prior + ViT stem)": ("ort-cpu", _q.GATE_INPUTS_FP, None),
@@ -51,27 +55,41 @@ VARIANTS: dict[str, tuple] = {
 DEFAULT_VARIANTS = "0,1,2,3,4"  # the int8-activation one (5) is a slow one-off: --variants 2,5
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:  # pragma: no cover - not Linux
-        return None
+def _variant_names(spec: str) -> list[str]:
+    """``--variants`` as VARIANTS names, checked while parsing: one clear error before anything is exported."""
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(p.isdigit() and int(p) < len(VARIANTS) for p in parts):
+        raise click.BadParameter(f"{spec!r}: give comma-separated indices from 0 to {len(VARIANTS) - 1} of "
+                                 + "; ".join(f"{i}: {n}" for i, n in enumerate(VARIANTS)), param_hint="--variants")
+    if len(set(map(int, parts))) != len(parts):
+        raise click.BadParameter(f"{spec!r} names a variant twice", param_hint="--variants")
+    return [list(VARIANTS)[int(p)] for p in parts]
 
 
-def _fp32_export(model, cache: Path | None, work: Path, checkpoint=None) -> Path:
-    """The fp32 export, reused from ``cache`` when it holds one of the same config and checkpoint hash."""
-    from .api import _checkpoint_info, export_model
+STAMP = "int8_study_fp32.json"  # what an --fp32-cache export was made from (the manifest has no revision)
+
+
+def _fp32_export(model, cache: Path | None, work: Path, checkpoint=None, revision: str | None = None) -> Path:
+    """The fp32 export, reused from ``cache`` when it was made from the same config, checkpoint hash, tool versions
+    and source revision (a "+dirty" revision cannot see uncommitted edits: clear the cache after such edits)."""
+    from priorclip.cliutils import write_json
+
+    from .api import _checkpoint_info, export_model, tool_versions
     from .engines import read_manifest
 
     d = cache or work / "fp32"
-    if cache is not None and (d / "manifest.json").is_file():
-        m = read_manifest(d)
-        if (m["model"]["config"] == model.cfg.to_dict() and m["precision"] == "fp32"
-                and m["checkpoint"]["sha256"] == _checkpoint_info(checkpoint)["sha256"]):
+    stamp = {"config": model.cfg.to_dict(), "checkpoint_sha256": _checkpoint_info(checkpoint)["sha256"],
+             "tools": tool_versions(), "revision": revision}
+    stamp = json.loads(json.dumps(stamp, default=str))  # as read back (tuples become lists)
+    if cache is not None and (d / "manifest.json").is_file() and (d / STAMP).is_file():
+        if read_manifest(d)["precision"] == "fp32" and json.loads((d / STAMP).read_text()) == stamp:
             return d
+        print(f"== {d} holds an fp32 export of another model, checkpoint, tool version or revision: re-exporting",
+              file=sys.stderr, flush=True)
+    (d / STAMP).unlink(missing_ok=True)  # an export that fails half-way must not look reusable
     export_model(model, d, "onnx", "fp32", progress=True, checkpoint=checkpoint,
                  command="priorclip.export.int8_study (fp32)")
+    write_json(d / STAMP, stamp)
     return d
 
 
@@ -114,21 +132,28 @@ def quantize_export(fp32_dir: Path, out: Path, calib, method: str, target: str, 
     return tables
 
 
-def time_engines(runners: dict, pixels: torch.Tensor, rounds: int, iters: int = 2) -> dict:
-    """Interleaved timing: each round runs every engine ``iters`` times on ``pixels``; img/s per round and median."""
+def time_engines(runners: dict, pixels: torch.Tensor, rounds: int, iters: int = 2) -> tuple[dict, dict]:
+    """Interleaved timing: each round runs every engine ``iters`` times on ``pixels``; img/s per round and median,
+    and the benchmarks' load record over the timed windows (:class:`~priorclip.benchmarks.harness.LoadMonitor`:
+    other processes' CPU share and steal, not a load average our own threads inflate)."""
+    from priorclip.benchmarks.harness import LoadMonitor
+
     for f in runners.values():  # warm-up (ORT's first run plans its memory; torch allocates)
         f(pixels)
     per = {n: [] for n in runners}
-    load = [_loadavg()]
-    for _ in range(rounds):
-        for n, f in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                f(pixels)
-            per[n].append(pixels.shape[0] * iters / (time.perf_counter() - t0))
-        load.append(_loadavg())
-    return {n: {"img_per_s": statistics.median(v), "rounds": [round(x, 3) for x in v]} for n, v in per.items()} | {
-        "_loadavg": load}
+    monitor = LoadMonitor().start()
+    try:
+        for _ in range(rounds):
+            for n, f in runners.items():
+                with monitor.window():
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        f(pixels)
+                    per[n].append(pixels.shape[0] * iters / (time.perf_counter() - t0))
+    finally:
+        monitor.stop()
+    timing = {n: {"img_per_s": statistics.median(v), "rounds": [round(x, 3) for x in v]} for n, v in per.items()}
+    return timing, monitor.summary()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -139,13 +164,14 @@ def time_engines(runners: dict, pixels: torch.Tensor, rounds: int, iters: int = 
               help="Held-out test images, class-spread (0 = the whole split); >= 134 for a ΔmR verdict.")
 @click.option("--n-calib-images", type=int, default=256, show_default=True)
 @click.option("--n-calib-captions", type=int, default=1024, show_default=True)
-@click.option("--calib-method", default="entropy", show_default=True)
+@click.option("--calib-method", type=click.Choice(_q.METHODS), default="entropy", show_default=True)
 @click.option("--batch", type=int, default=8, show_default=True, help="Image batch for the throughput rows.")
 @click.option("--rounds", type=int, default=7, show_default=True, help="Interleaved timing rounds (medians).")
-@click.option("--variants", default=DEFAULT_VARIANTS, show_default=True,
+@click.option("--variants", default=DEFAULT_VARIANTS, show_default=True, callback=lambda c, p, v: _variant_names(v),
               help="Comma list of variant indices (0-based) of int8_study.VARIANTS.")
 @click.option("--fp32-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep/reuse the fp32 export here (the default model takes minutes to export).")
+              help="Keep/reuse the fp32 export here (the default model takes minutes to export); reused only for the "
+                   "same model, checkpoint, tool versions and git revision.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"))
 @click.option("--tag", default="cpu", show_default=True)
 @click.option("--keep-work", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -169,8 +195,7 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
     torch.manual_seed(0)
     model = build_model(model_name, checkpoint, gate).eval()
     test, calib = _data(data_dir, n_test, n_calib_images, n_calib_captions)
-    names = [list(VARIANTS)[int(i)] for i in variants.split(",")]
-    load_start = _loadavg()
+    names = variants  # validated names (_variant_names)
     head = {
         "model": model.cfg.name,
         "weights": str(checkpoint) if checkpoint else "random-init (priorclip.cliutils.build_model, seed 0)",
@@ -189,7 +214,7 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
     tmp = None if keep_work else tempfile.mkdtemp(prefix="priorclip-int8-study-")
     work = Path(keep_work or tmp)
     try:
-        fp32_dir = _fp32_export(model, fp32_cache, work, checkpoint)
+        fp32_dir = _fp32_export(model, fp32_cache, work, checkpoint, head["revision"])
         ref = reference_embed(__import__("priorclip.encoder", fromlist=["TorchEncoder"]).TorchEncoder(model, "cpu"),
                               test, 32)
         cache: dict = {}
@@ -228,11 +253,13 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
         sens_set = test.subset(256) if len(test.images) > 256 else test  # class-spread, never the first N
         sens_pixels = _timing_pixels(sens_set, model.cfg.vision.image_size, len(sens_set.images))
         gate_names = gate_input_tensors(fp32_dir / "image_encoder.onnx")
+        gate_px = sens_pixels[:: max(1, len(sens_pixels) // 64)][:64].numpy()  # every k-th: all classes
+        gate_ref = gate_inputs(fp32_dir / "image_encoder.onnx", gate_px, gate_names)  # the fp32 graph, run once
         for n in names:
-            rows[n]["gate_input_error"] = gate_input_errors(fp32_dir / "image_encoder.onnx",
-                                                           work / f"int8-{names.index(n)}" / "image_encoder.onnx",
-                                                           sens_pixels[:: max(1, len(sens_pixels) // 64)][:64]
-                                                           .numpy(), gate_names)  # every k-th: all classes
+            rows[n]["gate_input_error"] = gate_input_errors(
+                gate_ref, work / f"int8-{names.index(n)}" / "image_encoder.onnx", gate_px, gate_names)
+        n_gate_px, n_sens = len(gate_px), len(sens_pixels)
+        del gate_px, gate_ref
         sensitivity = gate_sensitivity(model, sens_pixels) if has_belief_order(model) else None
         del sens_pixels
         pixels = _timing_pixels(test, model.cfg.vision.image_size, batch)
@@ -246,7 +273,7 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
             cfg = rows[n].get("session_config")
             runners[n] = engines[n].encode_images if not cfg else _raw_session(
                 work / f"int8-{names.index(n)}" / "image_encoder.onnx", cfg)
-        timing = time_engines(runners, pixels, rounds)
+        timing, load = time_engines(runners, pixels, rounds)
         del engines, runners
         memory = None
         if memory_images:
@@ -261,14 +288,16 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
             shutil.rmtree(tmp, ignore_errors=True)
     base = timing["torch eager fp32"]["img_per_s"]
     ort32 = timing["ORT fp32"]["img_per_s"]
-    doc = {**head, "batch": batch, "rounds": rounds, "loadavg": {"start": load_start, "timing": timing["_loadavg"]},
-           "calibration_memory": memory, "gate_sensitivity": sensitivity,
+    from priorclip.benchmarks.harness import assess_reliability
+
+    doc = {**head, "batch": batch, "rounds": rounds,
+           "load": {**load, "warnings": assess_reliability(load, [])["warnings"]},
+           "calibration_memory": memory, "gate_input_images": n_gate_px,
+           "gate_sensitivity": sensitivity, "gate_sensitivity_images": n_sens, "held_out_images": len(test.images),
            "timing": {n: {**v, "vs_torch_eager": v["img_per_s"] / base, "vs_ort_fp32": v["img_per_s"] / ort32}
-                      for n, v in timing.items() if not n.startswith("_")},
+                      for n, v in timing.items()},
            "variants": rows}
-    # The engines timed keep about one thread per core busy, so the 1-min load is ~cpu_count on an idle machine.
-    busy = max(x[0] for x in timing["_loadavg"] if x) > (os.cpu_count() or 1) + 0.5
-    md = _markdown(doc, busy)
+    md = _markdown(doc)
     stem = f"export-int8-layouts-{tag}-{_dt.date.today().isoformat()}"
     paths = _write(out_dir, stem, doc, md)
     click.echo(md)
@@ -293,25 +322,28 @@ def gate_input_tensors(graph_path: Path) -> dict[str, str]:
     return out
 
 
-def gate_input_errors(ref_graph: Path, graph: Path, pixels: np.ndarray, names: dict[str, str]) -> dict:
-    """Relative L2 error per image (median, max) of the gate's inputs in ``graph`` against ``ref_graph``."""
+def gate_inputs(graph: Path, pixels: np.ndarray, names: dict[str, str]) -> list[np.ndarray]:
+    """The gate's inputs (``names``' tensors, float64) that the image graph at ``graph`` computes for ``pixels``."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    def run(path):
-        m = onnx.load(str(path))
-        info = _q.tensor_info(m)
-        for t in names.values():  # fp16 inside the tensorrt layout
-            m.graph.output.append(helper.make_tensor_value_info(t, info.get(t, (TensorProto.FLOAT,))[0], None))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        outs = [s.run(list(names.values()), {"pixels": pixels[i : i + 8]}) for i in range(0, len(pixels), 8)]
-        return [np.concatenate([o[k] for o in outs]).astype(np.float64) for k in range(len(names))]
+    m = onnx.load(str(graph))
+    info = _q.tensor_info(m)
+    for t in names.values():  # fp16 inside the tensorrt layout
+        m.graph.output.append(helper.make_tensor_value_info(t, info.get(t, (TensorProto.FLOAT,))[0], None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    outs = [s.run(list(names.values()), {"pixels": pixels[i : i + 8]}) for i in range(0, len(pixels), 8)]
+    return [np.concatenate([o[k] for o in outs]).astype(np.float64) for k in range(len(names))]
 
+
+def gate_input_errors(ref: list[np.ndarray], graph: Path, pixels: np.ndarray, names: dict[str, str]) -> dict:
+    """Relative L2 error per image (median, max) of the gate's inputs in ``graph`` against ``ref``, the reference
+    graph's :func:`gate_inputs` for the same ``pixels`` (computed once for every layout compared)."""
     res = {}
-    for label, r, g in zip(names, run(ref_graph), run(graph)):
+    for label, r, g in zip(names, ref, gate_inputs(graph, pixels, names)):
         rel = (np.linalg.norm((g - r).reshape(len(r), -1), axis=1)
                / np.maximum(np.linalg.norm(r.reshape(len(r), -1), axis=1), 1e-30))
         res[label] = {"median": float(np.median(rel)), "max": float(rel.max())}
@@ -320,24 +352,16 @@ def gate_input_errors(ref_graph: Path, graph: Path, pixels: np.ndarray, names: d
 
 def gate_sensitivity(model, pixels: torch.Tensor, levels=(1e-4, 1e-3, 3e-3, 1e-2), seed: int = 0) -> dict:
     """How much error the gate's input y tolerates, in eager torch: random noise of relative L2 size ``level`` on
-    the prior token y, everything else exact; belief-order flips and cosine with the clean embedding, per level."""
-    from priorclip.layers.gate import belief_gate
-
-    v = model.visual
+    the prior token y, everything else exact; belief-order flips and cosine with the clean embedding, per level.
+    The ViT runs through its own forward (``model.visual`` with ``prior_token``), so it is the model's code."""
     with torch.inference_mode():
-        ys, xs = [], []
-        for i in range(0, len(pixels), 32):
-            p = pixels[i : i + 32]
-            ys.append(model.prior_token(p))
-            xs.append(v.stem(p))
-        y, x = torch.cat(ys), torch.cat(xs)
+        y = torch.cat([model.prior_token(pixels[i : i + 32]) for i in range(0, len(pixels), 32)])
 
         def embed(yy):
             out, orders = [], []
-            for i in range(0, len(x), 32):
-                g, order = belief_gate(x[i : i + 32], yy[i : i + 32], v.gate, return_order=True)
-                z = v.transformer(torch.cat([yy[i : i + 32], g], 1))
-                out.append(torch.nn.functional.normalize(v.ln_post(z[:, 0]) @ v.proj, dim=-1))
+            for i in range(0, len(pixels), 32):
+                f, order = model.visual(pixels[i : i + 32], prior_token=yy[i : i + 32], return_order=True)
+                out.append(torch.nn.functional.normalize(f, dim=-1))
                 orders.append(order)
             return torch.cat(out).double(), torch.cat(orders)
 
@@ -377,7 +401,7 @@ def _memory_child(spec: dict) -> None:
     base = peak()
     t0 = time.perf_counter()
     _q.collect_stats(model, plan.tensors, lambda: _image_batches([Path(p) for p in spec["images"]], spec["size"]),
-                     "entropy", memory_budget=spec["budget"], sub_batch=spec["sub_batch"])
+                     "entropy", memory_budget=spec["budget"], sub_batch=spec["sub_batch"], info=plan.info)
     print(json.dumps({"peak_before_gib": round(base, 3), "peak_gib": round(peak(), 3),
                       "seconds": round(time.perf_counter() - t0, 1), "tensors": len(plan.tensors)}))
 
@@ -428,22 +452,20 @@ def _timing_pixels(test, image_size: int, batch: int) -> torch.Tensor:
     return next(iter(iter_image_batches(test.images[:batch], image_size, batch))).contiguous()
 
 
-def _markdown(doc: dict, busy: bool) -> str:
+def _markdown(doc: dict) -> str:
+    from priorclip.benchmarks.report import load_lines
+
     from .parity import format_parity_table
 
     lines = [f"# INT8 layouts on ONNX Runtime CPU, {doc['model']}", ""]
-    for k in ("weights", "device", "cpu_count", "cpu_flags", "torch_threads", "date", "command", "held_out",
-              "calibration"):
+    for k in ("weights", "device", "cpu_count", "cpu_flags", "torch_threads", "date", "command", "revision",
+              "held_out", "calibration"):
         lines.append(f"- {k}: {doc[k]}")
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items() if v))
-    la = doc["loadavg"]
-    lines.append(f"- load average (1/5/15 min) at start {la['start']}, during timing "
-                 f"{[x[0] for x in la['timing'] if x]}")
-    if busy:
-        lines.append("- **WARNING: measured on a shared, busy machine** (1-min load during timing above the core "
-                     "count + 0.5, which the timed engines alone keep near the core count): absolute "
-                     "img/s are low and noisy; the engines were interleaved round by round, so their ratios are the "
-                     "meaningful numbers, and torch eager suffers from contention more than ONNX Runtime.")
+    lines += ["- machine load (monitored over the timing rounds only):", *(f"  - {x}" for x in load_lines(doc))]
+    for w in doc["load"]["warnings"]:
+        lines.append(f"- **WARNING: {w}**. The engines were interleaved round by round, so their ratios are the "
+                     "meaningful numbers; torch eager suffers from contention more than ONNX Runtime.")
     lines += ["", f"## Image encoder throughput, batch {doc['batch']} (median of {doc['rounds']} interleaved rounds)",
               "", "| engine | img/s | × torch eager | × ORT fp32 | rounds |", "|---|---:|---:|---:|---|"]
     for n, v in doc["timing"].items():
@@ -460,7 +482,8 @@ def _markdown(doc: dict, busy: bool) -> str:
         k = r["kernels"]
         lines.append(f"| {n} | {fmt(k['image']['integer'])} | {fmt(k['image']['float_gemm'])} | "
                      f"{fmt(k['text']['integer'])} | {fmt(k['text']['float_gemm'])} |")
-    lines += ["", "## The gate's inputs: error per layout (64 class-spread test images, vs the fp32 graph)", "",
+    lines += ["", f"## The gate's inputs: error per layout ({doc['gate_input_images']} class-spread test images, "
+              "vs the fp32 graph)", "",
               "| variant | y (prior token) rel. error median / max | x (ViT stem) rel. error median / max |",
               "|---|---|---|"]
     for n, r in doc["variants"].items():
@@ -468,8 +491,10 @@ def _markdown(doc: dict, busy: bool) -> str:
         if e:
             lines.append(f"| {n} | " + " | ".join(f"{v['median']:.1e} / {v['max']:.1e}" for v in e.values()) + " |")
     if doc.get("gate_sensitivity"):
+        n, total = doc["gate_sensitivity_images"], doc["held_out_images"]
         lines += ["", "How much error the gate tolerates (eager torch, random noise of relative L2 size ε on y only, "
-                  "all test images of the parity set):", "",
+                  + (f"all {n} test images of the parity set" if n == total else
+                     f"{n} class-spread test images of the {total} in the parity set") + "):", "",
                   "| ε | belief order flipped | cosine min | images below 0.99 |", "|---:|---:|---:|---:|"]
         for lv, r in doc["gate_sensitivity"].items():
             lines.append(f"| {lv} | {r['flipped']}/{r['n']} | {r['cosine_min']:.5f} | {r['below_0.99']} |")

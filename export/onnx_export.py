@@ -55,10 +55,10 @@ class ImageEncoder(nn.Module):
     """``pixels [B,3,S,S] float32 -> embeddings [B,E] float32`` (L2-normalised, the reference ``encode_image``),
     plus ``belief_order [B,T] int64`` where the model has a ranking gate (:func:`has_belief_order`)."""
 
-    def __init__(self, model: nn.Module, with_order: bool | None = None) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.with_order = has_belief_order(model) if with_order is None else with_order
+        self.with_order = has_belief_order(model)
 
     def forward(self, pixels: torch.Tensor):
         if not self.with_order:

@@ -43,9 +43,10 @@ measurement behind the default (with random weights recall is chance, so cosine 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -59,21 +60,33 @@ TARGETS = ("ort-cpu", "tensorrt")
 # Which layout an export gets when its caller names none: the runtime that will run it.
 TARGET_FOR_FORMAT = {"onnx": "ort-cpu", "trt": "tensorrt"}
 # NOTE (benchmarks/results/export-int8-layouts-cpu-2026-11-27.md: default model, image encoder at batch 8, 2-core AMD
-# EPYC with AVX512-VNNI, ONNX Runtime 1.32, counted on the graph ORT runs after optimisation): the earlier single
-# layout (int8 activations, Q/DQ on layer inputs only, float conv biases) got 50 MatMulIntegerToFloat + 1 QGemm but
-# not one integer convolution (int8 activations are refused on x86 unless session.qdqisint8allowed=1, and a conv
-# without a Q on its output is never fused): all 56 convs, the prior's 56 % of the FLOPs, ran in fp32 behind a
-# per-call dequantise of their weights, 1.09x ORT fp32 (10.9 vs 10.0 img/s; torch eager 8.1). ort-cpu: 55
-# QLinearConv, 15 QLinearAdd, 8 QLinearAveragePool, 49 MatMulIntegerToFloat: 26.3 img/s, 3.24x torch eager.
+# EPYC with AVX512-VNNI, ONNX Runtime 1.32, counted on the graph ORT runs after optimisation): the study's variant
+# named there "legacy: int8 Q/DQ on layer inputs, fp32 graph" (the tensorrt Q/DQ layout left on the fp32 graph:
+# int8 activations, Q/DQ on layer inputs only, float conv biases; close to the earlier single layout but not that
+# code, as its scales are fp16-rounded and it has one DQ per use) got 50 MatMulIntegerToFloat + 1 QGemm but not one
+# integer convolution (int8 activations are refused on x86 unless session.qdqisint8allowed=1, and a conv without a
+# Q on its output is never fused): all 56 convs, the prior's 56 % of the FLOPs, ran in fp32 behind a dequantise of
+# their weights, 1.09x ORT fp32 (10.86 vs 9.97 img/s; torch eager 8.09). ort-cpu: 55 QLinearConv, 15 QLinearAdd,
+# 8 QLinearAveragePool, 49 MatMulIntegerToFloat: 26.27 img/s, 3.24x torch eager.
 DEFAULT_TARGET = "ort-cpu"
+
+
+def target_for_provider(provider: str) -> str:
+    """The layout for the ONNX Runtime provider that will run the graph: the CPU provider's integer fusions
+    (QLinearConv, MatMulIntegerToFloat) need ``ort-cpu``; CUDA has no such kernels, so it gets the symmetric
+    Q/DQ-on-fp16 layout (the one TensorRT consumes), which runs wholly on the GPU."""
+    return "ort-cpu" if provider == "CPUExecutionProvider" else "tensorrt"
+
+
 PERCENTILE = 99.99
 HIST_BINS = 2048
 # Bytes of calibration activations one ONNX Runtime run may return (the group of tensors x the sub-batch). NOTE
 # (export-int8-layouts-cpu-2026-11-27.md, default model's image graph, 64 calibration images, peak RSS of the
 # process, 0.73 GiB once the graph is loaded): every tensor of a 32-image batch in one run, as before issue 12,
-# peaked at 6.66 GiB (6.88 with the earlier code and its ORT arena; the reviewer's 9.7 GB was a whole export); with
-# this budget, 2.99 GiB in 70 s; with 64 MiB, 3.05 GiB in 216 s (more groups, more passes): the rest is the session
-# (about twice the weights) and one sub-batch's forward pass, and none of it grows with the number of images.
+# peaked at 6.66 GiB; with this budget, 2.99 GiB in 70 s; with 64 MiB, 3.05 GiB in 216 s (more groups, more
+# passes): the rest is the session (about twice the weights) and one sub-batch's forward pass, and none of it grows
+# with the number of images. (Measured before decoded inputs were cached, see collect_stats: the cache adds at most
+# the budget again and saves re-decoding the images on every pass.)
 CALIB_MEMORY_BUDGET = 256 * 2**20
 CALIB_SUB_BATCH = 8  # images per calibration run when a group's activations allow it
 # Layers left in float by default: the ViT patch embed and the prior's tail (attention pool, projection to y).
@@ -85,14 +98,15 @@ CALIB_SUB_BATCH = 8  # images per calibration run when a group's activations all
 # so any error in the gate's input y reorders them): with the whole prior int8, y's relative error is 4.4e-3 (median),
 # 79 % of the images' belief order flips and 10 of 256 fall below the 0.99 floor (min 0.9856): FAIL. Most of y's
 # error comes from the attention pool's and vision_proj_res' per-tensor activations, not from the convs: with those
-# two in fp32 (4 % of the image FLOPs) it is 4.4e-4, 17 % flip, cosine min 0.9924, none below 0.99, ΔmR +0.14: PASS
-# at 26.3 img/s (3.24x torch eager; 28.8 with them int8). But on the whole test split (1,027 images,
+# two in fp32 (a small share of the image FLOPs) it is 4.4e-4, 17 % flip, cosine min 0.9924, none below 0.99,
+# ΔmR +0.14: PASS at 26.3 img/s (3.24x torch eager; 28.8 with them int8). But on the whole test split (1,027 images,
 # export-int8-layouts-cpu-full-test-split-*.md) one image (a flipped top-1 belief) falls to 0.988: with random
 # weights even random noise of relative size 1e-3 on y flips 36 % of the images and put 1 of 256 below 0.99 (study's
 # gate-sensitivity table), so no int8 prior is safe from this tail. Re-run the study with a trained checkpoint.
 DEFAULT_KEEP_FP: tuple[str, ...] = ("visual.conv1", "res_visual.attnpool*", "vision_proj_res")
 # The gate's inputs exact: the prior (its output y) and the ViT stem (x) in float, everything else int8: no belief
-# order flips (cosine min 0.9993 on the 256 images above) but 13.9 img/s, 1.71x torch eager; an option, not a default.
+# order flips (cosine min 0.999298 on the 256 images above) but 13.85 img/s, 1.71x torch eager; an option, not a
+# default.
 GATE_INPUTS_FP: tuple[str, ...] = ("res_visual*", "vision_proj_res", "visual.conv1")
 
 # Ops ORT's CPU provider runs on integers after its QDQ fusions (the contrib ones only exist after optimisation).
@@ -107,7 +121,6 @@ _FP16_MIN_NORMAL = 2.0**-14
 @dataclass
 class Target:
     node: onnx.NodeProto
-    scope: str
     activation: str
     weight: str
     axis: int
@@ -119,8 +132,6 @@ class TensorStats:
     amax: float = float("-inf")
     absmax: float = 0.0
     hist: np.ndarray | None = None
-    count: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -142,20 +153,26 @@ class Plan:
     kept: list[str]
     act_uses: dict[str, list[tuple[onnx.NodeProto, int]]]
     integer_ops: list[str]  # op types (besides the GEMMs) that get quantised inputs, for the calibration table
+    keep_fp_matched: set[str]  # the keep_fp patterns that kept at least one layer (or pool/add) of this graph in float
+    info: dict | None = None  # tensor_info(model) when planning needed it, reused by calibration
 
     @property
     def tensors(self) -> list[str]:
         return sorted(self.act_uses)
 
 
-def _matches(scope: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(scope, p) or scope == p or scope.startswith(p + ".") for p in patterns)
+def _matching(scope: str, patterns: Iterable[str]) -> set[str]:
+    """The patterns that cover ``scope``: fnmatch, the exact path, or a parent path."""
+    return {p for p in patterns if fnmatch.fnmatchcase(scope, p) or scope == p or scope.startswith(p + ".")}
 
 
-def find_targets(model: onnx.ModelProto, keep_fp: Iterable[str] = ()) -> tuple[list[Target], list[str]]:
-    """Layers to quantise and the scopes of the ones ``keep_fp`` leaves in float."""
+def find_targets(model: onnx.ModelProto, keep_fp: Iterable[str] = ()
+                 ) -> tuple[list[Target], list[str], set[str]]:
+    """Layers to quantise, the scopes of the ones ``keep_fp`` leaves in float, and the ``keep_fp`` patterns that
+    matched at least one of those layers (a pattern matching none is most likely a typo: the caller says so)."""
+    keep_fp = tuple(keep_fp)
     inits = {i.name: i for i in model.graph.initializer}
-    targets, kept = [], []
+    targets, kept, matched = [], [], set()
     for n in model.graph.node:
         if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
             continue
@@ -164,8 +181,10 @@ def find_targets(model: onnx.ModelProto, keep_fp: Iterable[str] = ()) -> tuple[l
             continue
         scope = node_scope(n)
         wname = n.input[1].removeprefix("model.")
-        if _matches(scope, keep_fp) or _matches(wname, keep_fp):
+        hits = _matching(scope, keep_fp) | _matching(wname, keep_fp)
+        if hits:
             kept.append(scope)
+            matched |= hits
             continue
         if n.op_type == "Conv":
             axis = 0
@@ -178,8 +197,8 @@ def find_targets(model: onnx.ModelProto, keep_fp: Iterable[str] = ()) -> tuple[l
             if attrs.get("transA", 0):
                 continue
             axis = 0 if attrs.get("transB", 0) else 1
-        targets.append(Target(n, scope, n.input[0], n.input[1], axis))
-    return targets, kept
+        targets.append(Target(n, n.input[0], n.input[1], axis))
+    return targets, kept, matched
 
 
 def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -202,10 +221,11 @@ def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def tensor_info(model: onnx.ModelProto, batch: int = 1, input_shapes: dict[str, tuple[int, ...]] | None = None
+def tensor_info(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
                 ) -> dict[str, tuple[int, list[int | None]]]:
-    """(element type, shape; None for unknown dims) of every tensor, with the inputs' batch axis fixed at ``batch``
-    and, for the inputs named in ``input_shapes``, every axis fixed (e.g. the text length of a calibration batch)."""
+    """(element type, shape; None for unknown dims) of every tensor, with the inputs' batch axis fixed at 1 (sizes
+    per item) and, for the inputs named in ``input_shapes``, every axis fixed (e.g. the text length of a calibration
+    batch)."""
     m = _light_copy(model)
     for vi in m.graph.input:
         dims = vi.type.tensor_type.shape.dim
@@ -216,7 +236,7 @@ def tensor_info(model: onnx.ModelProto, batch: int = 1, input_shapes: dict[str, 
                 d.dim_value = int(v)
         elif len(dims) and not dims[0].HasField("dim_value"):
             dims[0].Clear()
-            dims[0].dim_value = batch
+            dims[0].dim_value = 1
     try:
         m = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
     except Exception:  # pragma: no cover - fall back to whatever the exporter recorded
@@ -235,16 +255,18 @@ def tensor_info(model: onnx.ModelProto, batch: int = 1, input_shapes: dict[str, 
 
 
 def plan_quantization(model: onnx.ModelProto, keep_fp: Iterable[str] = (), target: str = DEFAULT_TARGET) -> Plan:
-    """Decide the Q/DQ layout of ``model`` for ``target`` (see the module docstring)."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown int8 target {target!r}; choose from {', '.join(TARGETS)}")
-    gemms, kept = find_targets(model, keep_fp)
+    """Decide the Q/DQ layout of ``model`` for ``target`` (see the module docstring; :func:`quantize_int8` checks
+    ``target``)."""
+    keep_fp = tuple(keep_fp)
+    gemms, kept, matched = find_targets(model, keep_fp)
     act_uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     integer_ops: set[str] = set()
-    if target == "tensorrt":
+    # Integer chains (below) start at a quantised conv: without one (the text graph) only the GEMM inputs get Q/DQ,
+    # and shape inference is left to calibration, which needs it at the batch's item shape anyway.
+    if target == "tensorrt" or not any(t.node.op_type == "Conv" for t in gemms):
         for t in gemms:
             act_uses.setdefault(t.activation, []).append((t.node, 0))
-        return Plan(target, gemms, kept, act_uses, [])
+        return Plan(target, gemms, kept, act_uses, [], matched)
     info = tensor_info(model)
     inits = {i.name for i in model.graph.initializer}
 
@@ -267,13 +289,18 @@ def plan_quantization(model: onnx.ModelProto, keep_fp: Iterable[str] = (), targe
 
     candidates = []
     for n in model.graph.node:
-        if _matches(node_scope(n), keep_fp):
-            continue
         if n.op_type == "AveragePool" and rank4_float(n.input[0]):
-            candidates.append((n, [0]))
+            idxs = [0]
         elif (n.op_type == "Add" and len(n.input) == 2 and not any(i in inits for i in n.input)
               and all(rank4_float(i) for i in n.input)):
-            candidates.append((n, [0, 1]))
+            idxs = [0, 1]
+        else:
+            continue
+        hits = _matching(node_scope(n), keep_fp)
+        if hits:  # kept in float: a pattern that only names a pool or an add still did something
+            matched |= hits
+            continue
+        candidates.append((n, idxs))
     changed = True
     while changed:
         changed = False
@@ -288,7 +315,7 @@ def plan_quantization(model: onnx.ModelProto, keep_fp: Iterable[str] = (), targe
     for node, idxs in ops:
         for k in idxs:
             act_uses.setdefault(node.input[k], []).append((node, k))
-    return Plan(target, gemms, kept, act_uses, sorted(integer_ops))
+    return Plan(target, gemms, kept, act_uses, sorted(integer_ops), matched, info)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,9 +325,9 @@ def plan_quantization(model: onnx.ModelProto, keep_fp: Iterable[str] = (), targe
 def _session(model: onnx.ModelProto, extra_outputs: list[str]):
     """A CPU session over ``model`` with ``extra_outputs`` added, without a second in-memory copy of the weights.
 
-    NOTE (measured, default image graph, 0.5 GB of weights): ``InferenceSession(model.SerializeToString())`` peaked
-    at 2.19 GiB RSS; written to a temporary file with external data and opened by path, 1.29 GiB. The outputs are
-    added to the caller's model only while it is written, and its weights are read back before returning.
+    ``InferenceSession(model.SerializeToString())`` holds the serialised bytes besides the model and the session's
+    own copy; written to a temporary file with external data and opened by path, it does not. The outputs are added
+    to the caller's model only while it is written, and its weights are read back before returning.
     """
     import tempfile
     from pathlib import Path
@@ -310,7 +337,7 @@ def _session(model: onnx.ModelProto, extra_outputs: list[str]):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # No arena: ORT's arena keeps every buffer it ever grew to (the returned activations included) for the
-    # session's life, and it grew by about the budget with each group (measured: +0.5 GiB per 256 MiB group).
+    # session's life, so it would grow with each group's returned tensors.
     opts.enable_cpu_mem_arena = False
     outs = model.graph.output
     n_before = len(outs)
@@ -369,8 +396,8 @@ def _abs_hist(a: np.ndarray, top: float) -> np.ndarray:
 
 def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Callable[[], Iterator[np.ndarray]],
                   method: str, progress: Callable[[str], None] | None = None,
-                  memory_budget: int = CALIB_MEMORY_BUDGET, sub_batch: int = CALIB_SUB_BATCH
-                  ) -> dict[str, TensorStats]:
+                  memory_budget: int = CALIB_MEMORY_BUDGET, sub_batch: int = CALIB_SUB_BATCH,
+                  info: dict | None = None) -> dict[str, TensorStats]:
     """Run the fp32 graph over the calibration batches and gather min/max (and |x| histograms when needed).
 
     Streaming, with bounded memory: tensors are split into groups (:func:`calibration_groups`) and each group's
@@ -380,19 +407,27 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Callable[
 
     Memory bound, independent of the number of calibration images: the caller's model + the session (about twice
     the weights; no ORT arena) + the forward pass of one sub-batch + about ``memory_budget`` of returned tensors +
-    one input batch from ``batches``. Measured on the default model's image graph (0.5 GB of weights, 64 images):
-    2.99 GiB peak RSS of the process with the default budget, against 6.66 GiB returning every tensor of a 32-image
-    batch in one run (:data:`CALIB_MEMORY_BUDGET`).
+    the decoded inputs: all of them, kept for the later passes, when together they take at most ``memory_budget``
+    bytes, else one batch from ``batches`` at a time (decoded again on every pass). Measured on the default model's
+    image graph (0.5 GB of weights, 64 images) before inputs were cached: 2.99 GiB peak RSS of the process with the
+    default budget, against 6.66 GiB returning every tensor of a 32-image batch in one run
+    (:data:`CALIB_MEMORY_BUDGET`).
 
     Sizes are planned at the item shape of the first batch; a later batch with larger items (a longer text batch)
     runs in proportionally smaller sub-batches, so the bound holds for inputs whose activations grow linearly.
+    ``info`` (:attr:`Plan.info`) is reused when it already has the graph input at that item shape (the image
+    graph's fixed size); the planner leaves it None where it needs no shapes (the text graph, the tensorrt layout),
+    so shape inference runs once per graph.
     """
-    first = next(iter(batches()), None)
+    it = iter(batches())
+    first = next(it, None)
     if first is None or not len(first):
         raise ValueError("no calibration data: the batches are empty")
     in_name = model.graph.input[0].name
-    unit = int(np.prod(first.shape[1:]))
-    info = tensor_info(model, input_shapes={in_name: (1, *first.shape[1:])})
+    fixed = [1, *first.shape[1:]]
+    unit = int(np.prod(fixed))
+    if info is None or info.get(in_name, (0, None))[1] != fixed:  # none, or the input had a free axis
+        info = tensor_info(model, input_shapes={in_name: tuple(fixed)})
     known = [int(np.prod(d)) * 4 for _, d in (info.get(t, (0, None)) for t in tensors) if d and None not in d]
     fallback = max(known) if known else memory_budget  # unknown shape: assume the largest known (conservative)
     sizes = {}
@@ -400,12 +435,38 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Callable[
         _, d = info.get(t, (0, None))
         sizes[t] = int(np.prod(d)) * 4 if d and None not in d else fallback
     groups = calibration_groups(sizes, memory_budget, sub_batch)
+    fresh: Iterator[np.ndarray] | None = itertools.chain([first], it)  # the first pass goes on from the shape's batch
     del first
+    cached: list[np.ndarray] = []
+    state = "fill"  # -> "cached" (replay `cached`) or "decode" (too large to keep: decode on every pass)
+
+    def inputs() -> Iterator[np.ndarray]:
+        nonlocal fresh, state
+        if state == "cached":
+            yield from cached
+            return
+        if state == "decode":
+            yield from batches()
+            return
+        src, fresh = (fresh if fresh is not None else batches()), None
+        cached.clear()
+        held, keep = 0, True
+        for b in src:
+            if keep:
+                held += b.nbytes
+                keep = held <= memory_budget
+                if keep:
+                    cached.append(b)
+                else:
+                    cached.clear()
+            yield b
+        state = "cached" if keep else "decode"  # not reached when a pass stops early: the next one fills again
+
     sess = _session(model, tensors)
     stats = {t: TensorStats() for t in tensors}
 
     def runs(names: list[str], sb: int):
-        for batch in batches():
+        for batch in inputs():
             grow = math.ceil(int(np.prod(batch.shape[1:])) / unit)
             step = max(1, sb // grow)
             for s in range(0, batch.shape[0], step):
@@ -419,7 +480,6 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Callable[
                 lo, hi = float(a.min()), float(a.max())
                 s.amin, s.amax = min(s.amin, lo), max(s.amax, hi)
                 s.absmax = max(s.absmax, abs(lo), abs(hi))
-                s.count += a.size
                 del a
             del outs
         if want_hist:
@@ -658,15 +718,18 @@ def quantize_int8(model: onnx.ModelProto, batches: Callable[[], Iterator[np.ndar
                   keep_fp: Iterable[str] = DEFAULT_KEEP_FP,
                   progress: Callable[[str], None] | None = None,
                   stats_cache: dict | None = None, target: str = DEFAULT_TARGET,
-                  memory_budget: int = CALIB_MEMORY_BUDGET,
                   fp16_keep_ops: Iterable[str] | None = None,
                   fp16_keep_patterns: Iterable[str] | None = None,
                   fp16: bool | None = None, activation_type: str | None = None) -> tuple[onnx.ModelProto, dict]:
     """Calibrate ``model`` (fp32 ONNX) on ``batches`` and return the Q/DQ model for ``target`` plus a calibration
     table. For ``tensorrt`` the result is the fp16 graph (opset >= 19, fp32 islands per ``fp16_keep_*``, defaults of
-    :mod:`.fp16`); ``fp16=False`` leaves it fp32 (int8 Q/DQ on the fp32 graph, the only layout before issue 12,
-    kept for comparisons: ``python -m priorclip.export.int8_study``); ``activation_type="int8"`` likewise gives
-    ``ort-cpu`` int8 activations (:func:`activation_qparams`).
+    :mod:`.fp16`); ``fp16=False`` leaves it fp32 (int8 Q/DQ on the fp32 graph, close to the single layout before
+    issue 12, kept for comparisons: ``python -m priorclip.export.int8_study``); ``activation_type="int8"`` likewise
+    gives ``ort-cpu`` int8 activations (:func:`activation_qparams`).
+
+    ``method`` and ``target`` are checked here, before any work (``ValueError``). The table's ``keep_fp_matched``
+    (sorted list) holds the ``keep_fp`` patterns that kept something of this graph in float; a pattern missing from
+    it in both towers' tables matches no layer (a typo), which only the caller, seeing both graphs, can report.
 
     ``stats_cache`` (a dict the caller keeps) lets several methods and layouts share calibration runs over the same
     graph and data: statistics are kept per tensor (with histograms), so a later call only collects the tensors no
@@ -684,10 +747,10 @@ def quantize_int8(model: onnx.ModelProto, batches: Callable[[], Iterator[np.ndar
         cached = stats_cache.setdefault(key, {})
         missing = [t for t in tensors if t not in cached]
         if missing:
-            cached.update(collect_stats(model, missing, batches, "entropy", progress, memory_budget))
+            cached.update(collect_stats(model, missing, batches, "entropy", progress, info=plan.info))
         stats = {t: cached[t] for t in tensors}
     else:
-        stats = collect_stats(model, tensors, batches, method, progress, memory_budget)
+        stats = collect_stats(model, tensors, batches, method, progress, info=plan.info)
     amax = {t: choose_amax(stats[t], method) for t in tensors}
     qparams = {t: activation_qparams(stats[t], amax[t], target, activation_type) for t in tensors}
     table = {
@@ -700,9 +763,10 @@ def quantize_int8(model: onnx.ModelProto, batches: Callable[[], Iterator[np.ndar
         "integer_ops": plan.integer_ops,
         "kept_fp_layers": sorted(set(plan.kept)),
         "keep_fp": list(keep_fp),
+        "keep_fp_matched": sorted(plan.keep_fp_matched),  # a list: the table is written as JSON
         "activation_type": "uint8 asymmetric per tensor" if target == "ort-cpu" and activation_type != "int8"
                            else "int8 symmetric per tensor (zero point 0)",
-        "memory_budget_bytes": memory_budget,
+        "memory_budget_bytes": CALIB_MEMORY_BUDGET,
         "activations": {t: {"min": stats[t].amin, "max": stats[t].amax, "absmax": stats[t].absmax,
                             "amax": amax[t], "scale": qparams[t].scale, "zero_point": qparams[t].zero_point,
                             "dtype": "uint8" if qparams[t].dtype == TensorProto.UINT8 else "int8"}

@@ -9,10 +9,12 @@ measurements behind :data:`priorclip.export.fp16.DEFAULT_KEEP_OPS` and
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import json
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ import click
 import torch
 
 from priorclip.cliutils import build_model, model_options, user_errors
+from priorclip.errors import DataError
 from priorclip.parity import min_images_for_dmr
 from priorclip.provenance import git_revision
 
@@ -36,31 +39,30 @@ NOTE_RANDOM = ("Random-init weights: recall is near chance and almost every scor
 
 def _data(data_dir: Path, n_test: int, n_calib_images: int, n_calib_captions: int):
     """Held-out test set (class-spread subset, or the whole split for ``n_test`` 0) and a calibration set spread over
-    the train split's classes; generated scenes, labelled, when the folder holds no dataset."""
-    from priorclip.data import image_label, load_karpathy, spread
+    the train split's classes; generated scenes, labelled, for ``--data synthetic``."""
+    from priorclip.data import load_karpathy
 
-    if str(data_dir) == "synthetic" or not (data_dir / "dataset_rsicd_aid.json").is_file():
+    if str(data_dir) != "synthetic" and not (data_dir / "dataset_rsicd_aid.json").is_file():
+        raise DataError(f"{data_dir}: no dataset_rsicd_aid.json there (pass --data synthetic for generated scenes)")
+    if str(data_dir) == "synthetic":
         from priorclip.synthetic import make_sample
 
         tmp = Path(tempfile.mkdtemp(prefix="priorclip-report-data-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         j, imgs = make_sample(tmp / "test", min(n_test, 64) if n_test > 0 else 64, seed=1)
         jc, imgc = make_sample(tmp / "calib", 32, seed=2)
         calib_set = load_karpathy(jc, imgc)
         test = load_karpathy(j, imgs)
-        test.selection = {"source": "GENERATED scenes (priorclip.synthetic, seed 1): no real dataset found"}
+        test.selection = {"source": "GENERATED scenes (priorclip.synthetic, seed 1): --data synthetic"}
         return test, CalibrationSet(calib_set.images, calib_set.captions,
                                     "generated scenes (priorclip.synthetic), seed 2")
     js = data_dir / "dataset_rsicd_aid.json"
     test = load_karpathy(js, data_dir / "images", "test")
     if n_test > 0:
         test = test.subset(n_test)
-    train = load_karpathy(js, data_dir / "images", "train")
-    images = spread(train.images, train.labels, n_calib_images)
-    labels = train.labels  # a property that re-reads every path: once, not once per caption (minutes on AID)
-    captions = spread(train.captions, [labels[i] for i in train.caption_image], n_calib_captions)
-    n_cls = len({image_label(p) for p in images})
-    calib = CalibrationSet(images, captions, f"{js} train split, {len(images)} images over {n_cls} classes / "
-                           f"{len(captions)} captions, class-spread (seed 0)")
+    images, captions, cover = load_karpathy(js, data_dir / "images", "train").spread_draw(
+        n_calib_images, n_calib_captions)
+    calib = CalibrationSet(images, captions, f"{js} train split: {cover['coverage']}, {len(captions)} captions")
     return test, calib
 
 
@@ -84,13 +86,19 @@ def run_matrix(model, test, calib, device: str, variants: list[tuple[str, str, s
                           test, batch_size)
     cache: dict = {}
     reports = {}
+    from .quantize import target_for_provider
+
+    # int8 in the layout of the provider that runs it (ort-cpu on the CPU, the Q/DQ-on-fp16 layout on CUDA)
+    target = target_for_provider(provider or ("CUDAExecutionProvider" if device.startswith("cuda")
+                                              else "CPUExecutionProvider"))
     for fmt, prec, method in variants:
         name = f"{fmt}-{prec}" + (f"-{method}" if method else "")
         t0 = time.perf_counter()
         print(f"== {name}", file=sys.stderr, flush=True)
         export_model(model, work / name, fmt, prec, calib=calib if prec == "int8" else None,
                      calib_method=method or "entropy", progress=True, device=device, checkpoint=checkpoint,
-                     stats_cache=cache, command=f"priorclip.export.report ({name})")
+                     stats_cache=cache, command=f"priorclip.export.report ({name})",
+                     int8_target=target if fmt == "onnx" else None)
         t_export = time.perf_counter() - t0
         engine = open_engine(work / name, device=device, provider=provider)
         rep = parity_report(engine, None, test, prec, batch_size, reference_embeddings=ref)
@@ -105,7 +113,7 @@ def run_matrix(model, test, calib, device: str, variants: list[tuple[str, str, s
 @model_options
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder with dataset_rsicd_aid.json and images/ (../shared/data/aid-rsicd), or 'synthetic' "
-              "(generated scenes; also the fallback when the folder is absent).")
+              "(generated scenes, labelled as such).")
 @click.option("--n-test", type=click.IntRange(min=0), default=0, show_default=True,
               help="Test images, class-spread (0 = the whole split: 1,027 on AID/RSICD, enough for every ΔmR verdict).")
 @click.option("--n-calib-images", type=int, default=256, show_default=True)

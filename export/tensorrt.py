@@ -3,7 +3,8 @@
 TensorRT 10 deprecated, and 11 removes, weak typing, the ``FP16``/``INT8`` builder flags and the implicit-quantisation
 calibrators. So precision is decided by the ONNX alone: the fp32 graph, the fp16 graph (fp16 weights/activations,
 fp32 where :mod:`.fp16` keeps it) or the Q/DQ graph (:mod:`.quantize`), parsed into a network created with
-``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; no precision flag is ever set.
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; no precision flag is ever set. The one flag touched is ``TF32``
+(on by default): it is cleared for fp32 builds, so an fp32 plan computes in fp32.
 
 Nothing here runs without ``tensorrt``: :func:`import_tensorrt` raises one clear line with what to install. The
 profile and flag choices are plain functions so they are unit-tested with a stand-in module.
@@ -72,9 +73,16 @@ def network_flags(trt) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def configure_builder(trt, builder, shapes: dict, timing_cache: bytes = b"", workspace_bytes: int | None = None):
-    """Builder config: one profile with ``shapes``, the timing cache, optional workspace; no precision flags."""
+def configure_builder(trt, builder, shapes: dict, timing_cache: bytes = b"", workspace_bytes: int | None = None,
+                      tf32: bool = False):
+    """Builder config: one profile with ``shapes``, the timing cache, optional workspace; no precision flags.
+
+    ``tf32=False`` (fp32 exports) clears ``BuilderFlag.TF32``: TensorRT enables it by default, and a strongly typed
+    network still lets FP32 convolutions and matmuls run with 10-bit-mantissa inputs, so the plan would not be fp32.
+    """
     config = builder.create_builder_config()
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     cache = config.create_timing_cache(timing_cache)
@@ -92,8 +100,11 @@ def configure_builder(trt, builder, shapes: dict, timing_cache: bytes = b"", wor
 
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict, timing_cache_path: str | Path,
-                 workspace_bytes: int | None = None, trt=None) -> dict:
-    """Parse ``onnx_path`` strongly typed, build and serialise the plan; update the timing cache file."""
+                 workspace_bytes: int | None = None, trt=None, tf32: bool = False) -> dict:
+    """Parse ``onnx_path`` strongly typed, build and serialise the plan; update the timing cache file.
+
+    ``tf32``: let FP32 layers use TF32 (fp16/int8 exports, whose fp32 islands need not be exact); off for fp32.
+    """
     trt = trt or import_tensorrt()
     onnx_path, plan_path, timing_cache_path = Path(onnx_path), Path(plan_path), Path(timing_cache_path)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -104,7 +115,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict, tim
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise PriorCLIPError(f"TensorRT could not parse {onnx_path.name}: {errs[:500]}")
     cache = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-    config = configure_builder(trt, builder, shapes, cache, workspace_bytes)
+    config = configure_builder(trt, builder, shapes, cache, workspace_bytes, tf32)
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -116,19 +127,20 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict, tim
 
 
 def torch_dtypes(trt) -> dict:
-    """TensorRT ``DataType`` -> torch dtype, for the types an engine's I/O may have (members this version lacks
-    are skipped)."""
+    """TensorRT ``DataType`` -> torch dtype, for the types :func:`~.engines.check_io` accepts on a priorclip plan's
+    I/O (float pixels / int token ids in; float embeddings / int order out); members this version lacks are
+    skipped. Any other type is refused by :func:`engine_io` with one error line."""
     import torch
 
     pairs = (("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16), ("INT32", torch.int32),
-             ("INT64", torch.int64), ("INT8", torch.int8), ("UINT8", torch.uint8), ("BOOL", torch.bool))
+             ("INT64", torch.int64))
     return {getattr(trt.DataType, n): t for n, t in pairs if hasattr(trt.DataType, n)}
 
 
 def engine_io(trt, engine, where: str = "TensorRT engine") -> dict[str, dict]:
-    """The engine's own I/O tensors: name -> {"mode": "input"|"output", "dtype": torch dtype, "shape": tuple}
-    (-1 for dynamic axes), read with ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode`` /
-    ``get_tensor_dtype`` / ``get_tensor_shape`` rather than assumed from the ONNX."""
+    """The engine's own I/O tensors: name -> {"mode": "input"|"output", "dtype": torch dtype}, read with
+    ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode`` / ``get_tensor_dtype`` rather than assumed from
+    the ONNX (output shapes come from the execution context per call)."""
     dtypes = torch_dtypes(trt)
     modes = {trt.TensorIOMode.INPUT: "input", trt.TensorIOMode.OUTPUT: "output"}
     out: dict[str, dict] = {}
@@ -140,5 +152,5 @@ def engine_io(trt, engine, where: str = "TensorRT engine") -> dict[str, dict]:
         dt = engine.get_tensor_dtype(name)
         if dt not in dtypes:
             raise PriorCLIPError(f"{where}: I/O tensor {name!r} has TensorRT type {dt}, which priorclip cannot bind")
-        out[name] = {"mode": mode, "dtype": dtypes[dt], "shape": tuple(int(d) for d in engine.get_tensor_shape(name))}
+        out[name] = {"mode": mode, "dtype": dtypes[dt]}
     return out

@@ -67,6 +67,17 @@ class RetrievalSet:
         """Size and class coverage, as reports state them."""
         return describe_selection(self.labels, n_captions=len(self.captions), selection=self.selection)
 
+    def spread_draw(self, n_images: int, n_captions: int, seed: int = 0) -> tuple[list[Path], list[str], dict]:
+        """``n_images`` images and ``n_captions`` captions (0: all), each spread over the scene classes (captions by
+        their image's class), and the images' :func:`describe_selection` record: an INT8 calibration draw."""
+        labels = self.labels
+        keep = spread_indices(labels, n_images, seed) if n_images > 0 else list(range(len(labels)))
+        captions = spread(self.captions, [labels[i] for i in self.caption_image], n_captions, seed)
+        desc = describe_selection([labels[i] for i in keep], n_captions=len(captions),
+                                  selection={"method": "class-spread", "seed": seed, "from_images": len(labels),
+                                             "from_classes": len(set(labels))})
+        return [self.images[i] for i in keep], captions, desc
+
 
 def spread_indices(labels: Sequence[str], n: int, seed: int = 0) -> list[int]:
     """Indices of ``n`` items spread evenly over the classes in ``labels``, deterministic for a ``seed``.
@@ -190,6 +201,11 @@ def default_dataset() -> tuple[Path, Path] | None:
         if images.is_dir():
             return json_path, images
     return None
+
+
+def has_split(json_path: str | Path, image_root: str | Path, split: str) -> bool:
+    """Whether a (valid) Karpathy-style JSON has images in ``split``; a malformed file raises :class:`DataError`."""
+    return any(e.get("split") == split for e in read_karpathy_entries(Path(json_path), Path(image_root)))
 
 
 def read_karpathy_entries(json_path: Path, image_root: Path) -> list[dict]:

@@ -70,25 +70,24 @@ class PriorCLIP(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, 3, S, S] normalised pixels -> [B, embed_dim] image embeddings (L2-normalised by default)."""
-        s = self.image_size
-        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != s or pixels.shape[3] != s:
-            raise ValueError(f"encode_image expects pixels [B,3,{s},{s}], got {tuple(pixels.shape)}")
-        prior = self.prior_token(pixels) if self.has_prior else None
-        feats = self.visual(pixels, prior)
+        feats, _ = self._image_features(pixels)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_image_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """L2-normalised image embeddings [B, embed_dim] and the gate's belief order [B, T] int64 (token index at
         each rank slot), or ``None`` where the gate does not rank (no prior, or the ``2belief`` formula).
 
-        The same computation as :meth:`encode_image`; parity checks compare the order with the reference's, since the
-        gate's rank weights jump when two beliefs swap."""
+        Parity checks compare the order with the reference's, since the gate's rank weights jump when two beliefs
+        swap."""
+        feats, order = self._image_features(pixels)
+        return F.normalize(feats, dim=-1), order
+
+    def _image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.image_size
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != s or pixels.shape[3] != s:
             raise ValueError(f"encode_image expects pixels [B,3,{s},{s}], got {tuple(pixels.shape)}")
         prior = self.prior_token(pixels) if self.has_prior else None
-        feats, order = self.visual(pixels, prior, return_order=True)
-        return F.normalize(feats, dim=-1), order
+        return self.visual(pixels, prior, return_order=True)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, L] token ids (L <= context_length, EOT = the largest id in a row) -> [B, embed_dim] embeddings."""

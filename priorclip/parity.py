@@ -52,6 +52,10 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+# The note verdict() writes when ΔmR is not judged; reports (priorclip-bench) quote it.
+DMR_NOT_JUDGED = "too few items for a ΔmR verdict"
+
+
 def min_images_for_dmr(precision: str) -> int:
     """Smallest set on which ``flips`` single-query rank changes stay within the ΔmR tolerance."""
     tol = TOLERANCES[precision]
@@ -184,15 +188,10 @@ def verdict(comparison: dict, precision: str) -> dict:
         if not abs(d) <= tol.max_abs_delta_mR:
             fails.append(f"|ΔmR| {abs(d):.3f} > {tol.max_abs_delta_mR}")
     else:
-        notes.append(f"too few items for a ΔmR verdict ({n} images < {record['dmr_min_images']}: "
+        notes.append(f"{DMR_NOT_JUDGED} ({n} images < {record['dmr_min_images']}: "
                      f"{tol.flips} single-query flip(s) already exceed {tol.max_abs_delta_mR} pp); "
                      "judged on the per-item checks")
     flips = comparison.get("belief_order")
     if flips:
         notes.append(f"belief order flipped on {flips['flipped']}/{flips['n']} images ({100 * flips['rate']:.1f} %)")
     return {"passed": not fails, "failures": fails, "notes": notes, "tolerance": record}
-
-
-def check(comparison: dict, precision: str) -> list[str]:
-    """Failures of a :func:`compare_embeddings` result against its precision's tolerance (empty: within)."""
-    return verdict(comparison, precision)["failures"]

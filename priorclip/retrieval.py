@@ -90,21 +90,20 @@ def iter_image_batches(paths: Sequence, image_size: int, batch_size: int, worker
 
 
 def embed_images(encoder: Encoder, paths: Sequence, batch_size: int = 64, progress: bool = True, workers: int = 4) -> torch.Tensor:
-    chunks = []
-    with tqdm(total=len(paths), desc="images", unit="img", disable=not progress) as bar:
-        for pixels in iter_image_batches(paths, encoder.image_size, batch_size, workers):
-            chunks.append(encoder.encode_images(pixels).cpu())
-            bar.update(len(pixels))
-    return torch.cat(chunks)
+    return embed_images_with_orders(encoder, paths, batch_size, progress, workers, with_orders=False)[0]
 
 
 def embed_images_with_orders(encoder: Encoder, paths: Sequence, batch_size: int = 64, progress: bool = True,
-                             workers: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Image embeddings [N, E] and belief orders [N, T] (None where the encoder does not expose them)."""
+                             workers: int = 4, with_orders: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Image embeddings [N, E] and belief orders [N, T] (None where the encoder does not expose them, or without
+    ``with_orders``)."""
     embs, orders = [], []
     with tqdm(total=len(paths), desc="images", unit="img", disable=not progress) as bar:
         for pixels in iter_image_batches(paths, encoder.image_size, batch_size, workers):
-            emb, order = encode_images_with_order(encoder, pixels)
+            if with_orders:
+                emb, order = encode_images_with_order(encoder, pixels)
+            else:
+                emb, order = encoder.encode_images(pixels), None
             embs.append(emb.float().cpu())
             orders.append(None if order is None else order.long().cpu())
             bar.update(len(pixels))

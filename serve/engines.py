@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 
-from priorclip.encoder import Encoder, TorchEncoder
+from priorclip.encoder import Encoder, TorchEncoder, encode_images_with_order
 from priorclip.errors import PriorCLIPError
 from priorclip.model import PriorCLIP
 
@@ -122,10 +122,7 @@ class Engine:
 
     def encode_images_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings and the gate's belief order [B, T] int64 (None where the backend or the model has none)."""
-        fn = getattr(self.inner, "encode_images_with_order", None)
-        if fn is None:
-            return self.encode_images(pixels), None
-        return self._bucketed(fn, pixels)
+        return self._bucketed(lambda x: encode_images_with_order(self.inner, x), pixels)
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, L<=context] int64 token ids -> [B, E] float32 L2-normalised embeddings."""
@@ -193,11 +190,13 @@ class CompiledTorchEncoder:
         self._image = torch.compile(image, **kw)
         self._text = torch.compile(text, **kw)
 
-    def _run(self, fn, x: torch.Tensor) -> Any:
+    def _run(self, fn, x: torch.Tensor, first_only: bool = False) -> Any:
         with torch.inference_mode():
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             out = fn(x)
+            if first_only:  # drop the rest before cloning: only what is returned needs its own copy
+                out = out[0]
             if not self.cudagraphs:
                 return out
             if isinstance(out, torch.Tensor):
@@ -208,7 +207,7 @@ class CompiledTorchEncoder:
         return self._run(self._image, pixels.to(self.device, torch.float32))
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encode_images_with_order(pixels)[0]
+        return self._run(self._image, pixels.to(self.device, torch.float32), first_only=True)
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._run(self._text, tokens.to(self.device))
@@ -376,10 +375,9 @@ def _build_exported(
 
 def _build_ort(model, precision, device, provider=None, **kw) -> Engine:
     provider = provider or ("CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider")
-    # INT8 layout for the provider that runs it: ONNX Runtime's CPU fusions (QLinearConv, MatMulIntegerToFloat) need
-    # the ort-cpu layout; the CUDA provider has no such kernels, so it gets the symmetric Q/DQ-on-fp16 layout (the
-    # one TensorRT consumes), which runs wholly on the GPU.
-    kw.setdefault("int8_target", "ort-cpu" if provider == "CPUExecutionProvider" else "tensorrt")
+    from priorclip.export.quantize import target_for_provider
+
+    kw.setdefault("int8_target", target_for_provider(provider))  # the INT8 layout for the provider that runs it
     return _build_exported("onnx", "onnxruntime", model, precision, device, provider=provider, **kw)
 
 

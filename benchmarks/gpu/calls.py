@@ -2,10 +2,11 @@
 
     python benchmarks/gpu/calls.py 1|2|3 [--revision SHA]
 
-One JSON object per call (``carry``, ``command``, ``timeout_s``), in order, ready for the device tool's ``run``;
-the revision is filled in (``.git`` does not travel). Checks, with one ``Error:`` line each: the ftfy/wcwidth wheels
-in ``.whl/``, the staged folders the entry carries, every call's size (the working tree that travels plus its
-carries, at most 64 MiB) and every command's length (at most 2,000 characters).
+One JSON object per call (``carry``, ``command``, ``timeout_s``), in order, ready for the device tool's ``run``,
+each after a comment line with the MiB it sends; the revision is filled in (``.git`` does not travel). This is the
+one place that spells the calls out (the scripts' headers and the README point here). Checks, with one ``Error:``
+line each: the ftfy/wcwidth wheels in ``.whl/``, the staged folders the entry carries, every call's size (the working
+tree that travels plus its carries, at most 64 MiB) and every command's length (at most 2,000 characters).
 """
 
 from __future__ import annotations
@@ -17,13 +18,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run from a checkout where the package is not installed
+    sys.path.insert(0, str(ROOT))
+
+from priorclip.provenance import git_revision  # noqa: E402
+
 MIB = 1 << 20
 LIMIT_MIB = 64
-RUN_TIMEOUT_S = 570  # the entry's own deadline is 510 s; the rest covers interpreter start and the last bundle
+# A queue call is at most 9 minutes. The entry's own deadline (lib.sh's Q_TIME_LIMIT) is 510 s from its start and
+# every step ends by then, SIGKILL grace included (each step's limit leaves Q_RESERVE = Q_KILL_S = 15 s); what follows
+# is the last status write and re-pack (a few seconds), and before it only the shell and one Python start.
+RUN_TIMEOUT_S = 540
 COPY_TIMEOUT_S = 120
 
 
-def _du(path: Path) -> int:
+def du(path: Path) -> int:
+    """Bytes in a file or folder (stage.py reports its staged sizes with this too)."""
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -40,6 +50,12 @@ def _folders(prefix: str) -> list[str]:
     return sorted((p.name for p in ROOT.glob(f".{prefix}[0-9]*") if p.is_dir()), key=lambda n: int(n[len(prefix) + 1:]))
 
 
+def _copy_call(folder: str, dest: str) -> dict:
+    """A data call: the part in ``folder`` onto the warm machine's /tmp, for the entry's own call to find there."""
+    return {"carry": [folder], "command": f"mkdir -p {dest} && cp {folder}/part.* {dest}/ && ls -l {dest}",
+            "timeout_s": COPY_TIMEOUT_S}
+
+
 def plan(entry: str, rev: str) -> list[dict]:
     env = f"PRIORCLIP_GIT_REVISION={rev} "
     if entry == "1":
@@ -49,8 +65,7 @@ def plan(entry: str, rev: str) -> list[dict]:
         parts = _folders("dtrain")
         if not parts or not (ROOT / parts[-1] / "parts.json").is_file():
             raise SystemExit("Error: no staged training data (.dtrain*/parts.json): run python benchmarks/gpu/stage.py train")
-        calls = [{"carry": [p], "command": f"mkdir -p /tmp/dparts && cp {p}/part.* /tmp/dparts/ && ls -l /tmp/dparts",
-                  "timeout_s": COPY_TIMEOUT_S} for p in parts[:-1]]
+        calls = [_copy_call(p, "/tmp/dparts") for p in parts[:-1]]  # q2-train.sh's PARTS_DIR
         return calls + [{"carry": [parts[-1], ".whl"], "command": env + "bash benchmarks/gpu/q2-train.sh",
                          "timeout_s": RUN_TIMEOUT_S}]
     if entry == "3":
@@ -58,15 +73,15 @@ def plan(entry: str, rev: str) -> list[dict]:
         if not chunks or not (ROOT / chunks[-1] / "names.txt").is_file():
             raise SystemExit("Error: no onnxruntime-gpu parts (.chunk*/names.txt): run "
                              "../shared/tools/wheel-chunks onnxruntime-gpu==1.31.1")
-        calls = [{"carry": [c], "command": f"mkdir -p /tmp/chunks && cp {c}/part.* /tmp/chunks/ && ls -l /tmp/chunks",
-                  "timeout_s": COPY_TIMEOUT_S} for c in chunks[:-1]]
+        calls = [_copy_call(c, "/tmp/chunks") for c in chunks[:-1]]  # q3-ort-cuda.sh's CHUNKS_DIR
         return calls + [{"carry": [chunks[-1], ".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q3-ort-cuda.sh",
                          "timeout_s": RUN_TIMEOUT_S}]
     raise SystemExit(f"Error: unknown entry {entry!r} (1, 2 or 3)")
 
 
-def check(calls: list[dict]) -> list[str]:
-    errors = []
+def check(calls: list[dict]) -> tuple[list[str], list[float]]:
+    """(errors, MiB each call sends)."""
+    errors, sizes = [], []
     whl = ROOT / ".whl"
     for name in ("ftfy", "wcwidth"):
         if not list(whl.glob(f"{name}-*.whl")):
@@ -82,30 +97,30 @@ def check(calls: list[dict]) -> list[str]:
                 hint = "python benchmarks/gpu/stage.py slice" if path == ".bench-data" else "see benchmarks/gpu/README.md"
                 errors.append(f"call {i} carries {path}, which does not exist: {hint}")
                 continue
-            size += _du(p)
-        c["travels_mib"] = round(size / MIB, 1)
+            size += du(p)
+        sizes.append(round(size / MIB, 1))
         if size > LIMIT_MIB * MIB:
             errors.append(f"call {i} would send {size / MIB:.1f} MiB (tree {base / MIB:.1f} + {', '.join(c['carry'])}): "
                           f"over {LIMIT_MIB} MiB")
         if len(c["command"]) > 2000:
             errors.append(f"call {i}'s command is {len(c['command'])} characters (at most 2,000)")
-    return errors
+    return errors, sizes
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("entry", choices=["1", "2", "3"])
-    ap.add_argument("--revision", default=None, help="default: git rev-parse HEAD")
+    ap.add_argument("--revision", default=None, help="default: git rev-parse HEAD, +dirty with uncommitted changes")
     a = ap.parse_args(argv)
-    rev = a.revision or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    calls = plan(a.entry, rev or "unknown")
-    errors = check(calls)
+    calls = plan(a.entry, a.revision or git_revision(ROOT) or "unknown")
+    errors, sizes = check(calls)
     for e in errors:
         print(f"Error: {e}", file=sys.stderr)
     if errors:
         return 2
     print(f"# entry {a.entry}: {len(calls)} call(s), back to back (the machine stays warm ~30 s between calls)")
-    for c in calls:
+    for i, (c, mib) in enumerate(zip(calls, sizes), 1):
+        print(f"# call {i}: sends {mib} MiB (at most {LIMIT_MIB})")
         print(json.dumps(c))
     return 0
 

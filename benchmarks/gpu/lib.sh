@@ -2,12 +2,18 @@
 #
 # What it gives an entry:
 #   q_init ENTRY             a deadline (Q_TIME_LIMIT s from now, default 510 = 8.5 min), $OUT, a work folder, status
+#                            and the revision ($PRIORCLIP_GIT_REVISION, exported for every step)
 #   q_setup                  carried wheels (.whl/*.whl) -> $Q_SITE, the project importable as `priorclip` without pip,
-#                            the git revision, ftfy checked, env.txt (GPU, driver, versions)
+#                            ftfy checked, env.txt (GPU, driver, versions), $Q_DEVTAG (the device as a file-name tag)
+#                            and $Q_FUSED (the fused-kernel engines registered for $DEVICE)
 #   q_step NAME MAX_S CMD..  runs CMD under `timeout` (MAX_S, cut to the time left minus Q_RESERVE), logs it, records
-#                            ok / failed / timeout in the status and re-packs $OUT, so a later overrun loses nothing
+#                            ok / failed / timeout in the status and re-packs $OUT, so a later overrun loses nothing;
+#                            a priorclip-bench step's note names its failed/FAIL engines and, when cut off, the engine
+#                            it was on
 #   q_skip NAME REASON       records a step that was not run, and why
 #   q_left                   seconds left before the deadline
+#   q_leaving NEED_S         a time limit for a step that must leave NEED_S (at least Q_MIN_STEP_S) to a later step,
+#                            even when it runs to its limit
 #   q_finish                 final status and summary; the entry's exit status (0 when every step ran or was skipped)
 #
 # What comes back from the device machine is at most 8 files, 2 folders deep: every entry writes exactly three to
@@ -15,21 +21,25 @@
 # (every step's result files and logs). `python benchmarks/gpu/collect.py FOLDER` files them under
 # benchmarks/results/ on the development machine.
 #
-# Knobs: Q_TIME_LIMIT (510), Q_RESERVE (15 s kept for the last bundle), Q_WORK (/tmp/<entry>-work), Q_SITE
-# (/tmp/site), WHL_DIR (.whl), PYTHON (python3), PRIORCLIP_GIT_REVISION (.git does not travel: pass it in).
+# Knobs: Q_TIME_LIMIT (510), Q_RESERVE (15 s kept for the last bundle), Q_MIN_STEP_S (20: a step with less left is
+# skipped), Q_KILL_S (15: SIGKILL this long after a step's SIGTERM), Q_WORK (/tmp/<entry>-work), Q_SITE (/tmp/site),
+# WHL_DIR (.whl), PYTHON (python3), PRIORCLIP_GIT_REVISION (.git does not travel: pass it in; else the revision
+# recorded when the data was staged, marked "(as staged)").
 
 Q_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # The command as the call gave it (sourced without arguments, this file sees the entry script's own), plus every
-# knob that was set, so the status records what ran.
-Q_KNOB_NAMES="DATA MODEL CLIP_MODEL DEVICE BATCHES WARMUP ITERS E2E EAGER_ENGINES COMPILED_ENGINES FUSED_ENGINES
-  COMPILE_MODE COMPILE_DYNAMIC ENGINES EPOCHS BATCH LR PRECISION PRIOR_EPOCHS PRIOR_BATCH PRIOR_LR PRIOR_WARMUP
-  MAX_MIN CLIP_MAX_MIN PRIOR_MAX_MIN VAL_LIMIT WORKERS PARITY_PRECISIONS INT8_MIN_S EXPORT_VARIANTS Q_TIME_LIMIT"
+# knob that was set, so the status records what ran. The knobs are derived, so none is left out: every variable read
+# with a default (the :- and - expansions) in this file, the entry and train_aid.sh (q2 runs it with the same
+# environment); OUT is the device tool's and the revision has its own field. Read before the entry assigns anything.
+Q_KNOB_NAMES=$(grep -sohE '\$\{[A-Z][A-Z0-9_]*:?-' "${BASH_SOURCE[0]}" "$0" "$Q_ROOT/benchmarks/gpu/train_aid.sh" \
+  | sed -E 's/^\$\{([A-Z0-9_]+).*/\1/' | grep -vxE 'OUT|PRIORCLIP_GIT_REVISION' | sort -u)
 Q_INVOCATION="bash ${0#"$Q_ROOT"/}${*:+ $*}"
 for _k in $Q_KNOB_NAMES; do
   [ -n "${!_k+x}" ] && Q_INVOCATION="$_k=${!_k} $Q_INVOCATION"
 done
+Q_RESERVE=${Q_RESERVE:-15} Q_MIN_STEP_S=${Q_MIN_STEP_S:-20} Q_KILL_S=${Q_KILL_S:-15}
 
 q_die() { echo "Error: $*" >&2; exit 2; }
 
@@ -55,33 +65,20 @@ q_init() {
   rm -rf "$Q_WORK" && mkdir -p "$Q_WORK/results" "$Q_WORK/logs" || q_die "cannot create the work folder $Q_WORK"
   Q_STATUS=$Q_WORK/status.json
   Q_FAILED=0
-  q_revision
-  "$PY" "$Q_ROOT/benchmarks/gpu/qstatus.py" init --status "$Q_STATUS" --entry "$Q_ENTRY" \
-    --time-limit "${Q_TIME_LIMIT:-510}" --command "$Q_INVOCATION" \
+  # init records the revision (qstatus.py: the one place that works it out) and prints it: every step's reports
+  # read it from the environment, as .git does not travel
+  PRIORCLIP_GIT_REVISION=$("$PY" "$Q_ROOT/benchmarks/gpu/qstatus.py" init --status "$Q_STATUS" --entry "$Q_ENTRY" \
+    --time-limit "${Q_TIME_LIMIT:-510}" --command "$Q_INVOCATION") \
     || q_die "could not write $Q_STATUS (is $PY a Python 3?)"
+  export PRIORCLIP_GIT_REVISION
   q_bundle
-}
-
-q_revision() {
-  # .git does not travel to the GPU machine: the call passes PRIORCLIP_GIT_REVISION, else the staged folders name it
-  if [ -z "${PRIORCLIP_GIT_REVISION:-}" ]; then
-    PRIORCLIP_GIT_REVISION=$(git -C "$Q_ROOT" rev-parse HEAD 2>/dev/null || true)
-  fi
-  if [ -z "${PRIORCLIP_GIT_REVISION:-}" ]; then
-    for f in "$Q_ROOT"/.bench-data/STAGED.json "$Q_ROOT"/.dtrain*/parts.json; do
-      [ -f "$f" ] || continue
-      PRIORCLIP_GIT_REVISION="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("revision","unknown"))' "$f") (as staged)"
-      break
-    done
-  fi
-  export PRIORCLIP_GIT_REVISION=${PRIORCLIP_GIT_REVISION:-unknown}
 }
 
 q_setup() {
   Q_SITE=${Q_SITE:-/tmp/site}
   local whl=${WHL_DIR:-$Q_ROOT/.whl}
   if compgen -G "$whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$Q_SITE" "$whl"/*.whl \
+    "$PY" "$Q_ROOT/benchmarks/gpu/wheels.py" --site "$Q_SITE" "$whl"/*.whl \
       >"$Q_WORK/logs/pip-whl.log" 2>&1 || { cat "$Q_WORK/logs/pip-whl.log" >&2; q_die "installing $whl/*.whl failed"; }
   fi
   [ -d "$Q_SITE" ] && export PYTHONPATH=$Q_SITE${PYTHONPATH:+:$PYTHONPATH}
@@ -91,12 +88,17 @@ q_setup() {
   cp -r "$Q_ROOT/priorclip" "$src/priorclip" || q_die "cannot copy the project into $src"
   for sub in kernels export serve benchmarks; do cp -r "$Q_ROOT/$sub" "$src/priorclip/$sub"; done
   export PYTHONPATH=$src${PYTHONPATH:+:$PYTHONPATH}
-  q_revision
+  # `python -m`/`-c` put the working directory (the checkout) first on sys.path, and its own priorclip/ lacks the
+  # subpackages above: it would shadow the copy (here an editable install hides that; the GPU image has none).
+  # Python >= 3.11 then leaves sys.path[0] out, for every later step too.
+  export PYTHONSAFEPATH=1
   "$PY" -c "import ftfy" 2>/dev/null \
     || q_die "the tokenizer needs ftfy, which is not installed: carry its wheel and wcwidth's in .whl/ (benchmarks/gpu/README.md)"
   "$PY" -c "import priorclip, priorclip.serve.engines" 2>"$Q_WORK/logs/import.log" \
     || { cat "$Q_WORK/logs/import.log" >&2; q_die "the project does not import (see above)"; }
+  # the process that imports torch for env.txt also names the device tag and the fused engines: no second one
   "$PY" "$Q_ROOT/benchmarks/gpu/qstatus.py" env --status "$Q_STATUS" --out "$Q_WORK/results/env.txt" \
+    --device "${DEVICE:-auto}" --shell "$Q_WORK/env.sh" && . "$Q_WORK/env.sh" \
     || q_die "could not record the environment"
   q_bundle
 }
@@ -106,17 +108,22 @@ q_bundle() {
   local stem=$OUT/$Q_ENTRY
   cp "$Q_STATUS" "$stem-status.json.tmp" && mv "$stem-status.json.tmp" "$stem-status.json"
   "$PY" "$Q_ROOT/benchmarks/gpu/qstatus.py" summary --status "$Q_STATUS" --results "$Q_WORK/results" \
-    --out "$stem-summary.md.tmp" && mv "$stem-summary.md.tmp" "$stem-summary.md"
+    --out "$stem-summary.md.tmp" --brief-out "$Q_WORK/brief.md" && mv "$stem-summary.md.tmp" "$stem-summary.md"
   cp "$stem-summary.md" "$Q_WORK/summary.md" 2>/dev/null
-  tar -czf "$stem-results.tar.gz.tmp" -C "$Q_WORK" status.json summary.md results logs 2>/dev/null \
+  # q2's training runs write metrics.jsonl as they go; train_aid.sh copies it to results/ only when the trainer
+  # returns, so a phase cut off by its time limit would lose its curves without these (a few kB each)
+  local runs=()
+  mapfile -t runs < <(cd "$Q_WORK" && compgen -G 'runs/*/metrics.jsonl')
+  tar -czf "$stem-results.tar.gz.tmp" -C "$Q_WORK" status.json summary.md results logs "${runs[@]}" 2>/dev/null \
     && mv "$stem-results.tar.gz.tmp" "$stem-results.tar.gz"
   rm -f "$stem"-*.tmp
   return 0
 }
 
 q_record() {  # NAME STATUS RC SECONDS NOTE
+  # qstatus adds to the note what the step's log and reports say (a bench exits 0 with failed engines)
   "$PY" "$Q_ROOT/benchmarks/gpu/qstatus.py" step --status "$Q_STATUS" --name "$1" --state "$2" --rc "$3" \
-    --seconds "$4" --note "$5" --results "$Q_WORK/results"
+    --seconds "$4" --note "$5" --results "$Q_WORK/results" --log "$Q_WORK/logs/$1.log"
   q_bundle
 }
 
@@ -125,12 +132,19 @@ q_skip() {
   q_record "$1" skipped 0 0 "$2"
 }
 
+q_leaving() {  # NEED_S
+  # A step that runs to this limit is sent SIGTERM, SIGKILL Q_KILL_S later, then recorded (~5 s): the next step still
+  # finds NEED_S (and at least the Q_MIN_STEP_S it needs to run at all) after Q_RESERVE.
+  local need=$(( $1 > Q_MIN_STEP_S ? $1 : Q_MIN_STEP_S ))
+  echo $(( $(q_left) - Q_RESERVE - need - Q_KILL_S - 5 ))
+}
+
 q_step() {
   local name=$1 max_s=$2
   shift 2
-  local left=$(( $(q_left) - ${Q_RESERVE:-15} ))
+  local left=$(( $(q_left) - Q_RESERVE ))
   local budget=$(( max_s < left ? max_s : left ))
-  local need=$(( max_s < ${Q_MIN_STEP_S:-20} ? max_s : ${Q_MIN_STEP_S:-20} ))  # a useful run needs this much
+  local need=$(( max_s < Q_MIN_STEP_S ? max_s : Q_MIN_STEP_S ))  # a useful run needs this much
   if [ "$left" -lt "$need" ] || [ "$budget" -lt 1 ]; then
     q_skip "$name" "not enough time left (${left} s before the deadline, minus the reserve)"
     return 0
@@ -139,7 +153,7 @@ q_step() {
   local t0 rc
   t0=$(q_now)
   mkdir -p "$Q_WORK/results/$name"
-  timeout -k 15 "$budget" "$@" 2>&1 | tee "$Q_WORK/logs/$name.log"
+  timeout -k "$Q_KILL_S" "$budget" "$@" 2>&1 | tee "$Q_WORK/logs/$name.log"
   rc=${PIPESTATUS[0]}
   local dt=$(( $(q_now) - t0 ))
   if [ "$rc" -eq 0 ]; then
@@ -158,8 +172,10 @@ q_finish() {
   "$PY" "$Q_ROOT/benchmarks/gpu/qstatus.py" finish --status "$Q_STATUS"
   q_bundle
   echo
-  cat "$OUT/$Q_ENTRY-summary.md"
-  echo
   ls -la "$OUT"
+  echo
+  # last, and short enough for the call's 12,000-character output tail: the step table and each report's key table
+  # (the whole heads are in the summary file that comes back)
+  cat "$Q_WORK/brief.md"
   return "$Q_FAILED"
 }

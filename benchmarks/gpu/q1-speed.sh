@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU queue entry 1 — speed of every torch-based engine, kernel tests, parity on CUDA. ONE device call, < 9 min.
 #
-#   carry [".bench-data", ".whl"]:  PRIORCLIP_GIT_REVISION=<sha> bash benchmarks/gpu/q1-speed.sh      (timeout_s 570)
+#   the call: `python benchmarks/gpu/calls.py 1` prints it (carry .bench-data and .whl, revision filled in)
 #
 # Before the call, here: `python benchmarks/gpu/stage.py slice` (the class-spread test slice, 9 MiB, in .bench-data/)
 # and the ftfy/wcwidth wheels in .whl/ (benchmarks/gpu/README.md). Steps, in priority order; each writes its results
@@ -16,24 +16,23 @@
 #   compiled  torch.compile fp16 (mode reduce-overhead = CUDA graphs without the GEMM autotuning search, dynamic batch:
 #             one graph per tower plus batch 1's) and AOTInductor fp16, with all the time left; max-autotune over 3 batch
 #             sizes x 2 towers would take longer than the whole call. An engine cut off by the limit is missing from
-#             the report and named in the status; the engines before it are kept.
+#             the report and named in the step's note ("cut off during aoti/fp16"); the engines before it are kept.
+# Every bench step's note in the status also names the engines that failed, or fell outside their tolerance.
 # Output ($OUT, 3 files): q1-speed-status.json, q1-speed-summary.md, q1-speed-results.tar.gz (bench JSON/MD/PNG per
-# step, logs). Knobs: DATA, MODEL, DEVICE, BATCHES, WARMUP, ITERS, EAGER_ENGINES, COMPILED_ENGINES, FUSED_ENGINES,
-# COMPILE_MODE, COMPILE_DYNAMIC (1), E2E (1), Q_TIME_LIMIT; the CPU test dry-runs this with the tiny config.
+# step, logs). Knobs: DATA, MODEL, DEVICE, BATCHES, WARMUP (bench warm-up calls), ITERS, EAGER_ENGINES,
+# COMPILED_ENGINES, FUSED_ENGINES, COMPILE_MODE, COMPILE_DYNAMIC (1), E2E (1), the step caps EAGER_MAX_S, TF32_MAX_S,
+# KERNELS_MAX_S, FUSED_MAX_S, COMPILED_MAX_S, and lib.sh's (Q_TIME_LIMIT, ...); the CPU test dry-runs this with the
+# tiny config.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 . benchmarks/gpu/lib.sh
 
 q_need_slice
-q_init q1-speed
-q_setup
-
 DEVICE=${DEVICE:-cuda}
-DEVTAG=$("$PY" -c "
-import re, sys, torch
-d = sys.argv[1]
-name = torch.cuda.get_device_name(0) if d.startswith('cuda') and torch.cuda.is_available() else 'cpu'
-print(re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-'))" "$DEVICE")
+q_init q1-speed
+q_setup  # also sets Q_DEVTAG (the device as a file-name tag) and Q_FUSED (the fused engines registered for DEVICE)
+
+DEVTAG=$Q_DEVTAG
 COMMON=(--model "${MODEL:-priorclip-vit-b32}" --device "$DEVICE" --batch-sizes "${BATCHES:-1,8,256}"
         --warmup "${WARMUP:-10}" --iters "${ITERS:-100}" --dataset "$DATA")
 [ "${E2E:-1}" = 1 ] || COMMON+=(--no-e2e)
@@ -44,13 +43,9 @@ q_step eager "${EAGER_MAX_S:-200}" "${BENCH[@]}" "${COMMON[@]}" \
   --engines "${EAGER_ENGINES:-torch:fp32,torch:fp16,torch:bf16}" --tag "$DEVTAG-eager" --out "$R/eager" \
   --note "queue entry 1 (benchmarks/gpu/q1-speed.sh), eager engines"
 
-if "${BENCH[@]}" --help 2>/dev/null | grep -q -- --tf32; then
-  q_step tf32 "${TF32_MAX_S:-100}" "${BENCH[@]}" "${COMMON[@]}" --no-e2e --tf32 \
-    --engines torch:fp32 --tag "$DEVTAG-eager-tf32" --out "$R/tf32" \
-    --note "queue entry 1, eager fp32 with TF32 ON for matmuls and cuDNN: a TF32 row (fp32+TF32), not fp32"
-else
-  q_skip tf32 "this priorclip-bench has no --tf32 flag"
-fi
+q_step tf32 "${TF32_MAX_S:-100}" "${BENCH[@]}" "${COMMON[@]}" --no-e2e --tf32 \
+  --engines torch:fp32 --tag "$DEVTAG-eager-tf32" --out "$R/tf32" \
+  --note "queue entry 1, eager fp32 with TF32 ON for matmuls and cuDNN: a TF32 row (fp32+TF32), not fp32"
 
 if [ -d tests/kernels ]; then  # pytest's exit status 5 = no gpu-marked test collected: nothing to run, not a failure
   q_step kernels "${KERNELS_MAX_S:-120}" "$PY" -c "
@@ -61,12 +56,7 @@ else
   q_skip kernels "tests/kernels does not exist yet (no kernels to test on hardware)"
 fi
 
-FUSED=${FUSED_ENGINES:-$("$PY" -c "
-import sys
-from priorclip.serve.engines import BACKENDS
-known = {'torch', 'torch-compile', 'onnxruntime', 'aoti', 'tensorrt'}
-dev = 'cuda' if sys.argv[1].startswith('cuda') else sys.argv[1]
-print(','.join(f'{n}:{p}' for n, b in BACKENDS.items() if n not in known for p in b.precisions.get(dev, ())))" "$DEVICE")}
+FUSED=${FUSED_ENGINES:-$Q_FUSED}
 if [ -n "$FUSED" ]; then
   q_step fused "${FUSED_MAX_S:-150}" "${BENCH[@]}" "${COMMON[@]}" --engines "$FUSED" --tag "$DEVTAG-fused" \
     --out "$R/fused" --note "queue entry 1, fused-kernel engine(s)"

@@ -3,10 +3,9 @@
 #
 # Here, once: `python benchmarks/gpu/stage.py train` (train split + 300 class-spread val images + test split, 126.9
 # MiB gzip'd tar in parts of <= 50 MiB: .dtrain1, .dtrain2, .dtrain3) and the ftfy/wcwidth wheels in .whl/.
-# On the device, back to back (the machine stays warm ~30 s between calls):
-#   carry [".dtrain1"]:          mkdir -p /tmp/dparts && cp .dtrain1/part.* /tmp/dparts/ && ls -l /tmp/dparts
-#   carry [".dtrain2"]:          mkdir -p /tmp/dparts && cp .dtrain2/part.* /tmp/dparts/ && ls -l /tmp/dparts
-#   carry [".dtrain3", ".whl"]:  PRIORCLIP_GIT_REVISION=<sha> bash benchmarks/gpu/q2-train.sh          (timeout_s 570)
+# On the device, back to back (the machine stays warm ~30 s between calls): the calls that `python
+# benchmarks/gpu/calls.py 2` prints: one per part folder but the last (copies its part to /tmp/dparts), then this
+# script with the last part folder and .whl carried.
 # Steps (each writes its results before the next starts; the time caps shrink to what is left of Q_TIME_LIMIT):
 #   data       check every part (size, SHA-256; a missing one is named) and unpack to /tmp/data/aid-rsicd
 #   prior      `priorclip train-prior`: the ModifiedResNet-50 scene prior, PRIOR_EPOCHS, cap PRIOR_MAX_MIN
@@ -15,12 +14,15 @@
 #              (both report test-split R@1/5/10 and mR, samples/s, train and wall seconds)
 #   parity     fp16 and bf16 autocast engines against the fp32 reference (TF32 off) on the whole test split, with
 #              the trained PriorCLIP weights (benchmarks/gpu/trained_parity.py)
-#   int8       the same for ONNX Runtime int8 (CPU provider), only when INT8_MIN_S (150) seconds are left
-#   report     train_aid_report.py: JSON + Markdown + curves PNG over the phases (rebuildable here from the copies)
+#   int8       the same for ONNX Runtime int8 (CPU provider), only when INT8_MIN_S (175) seconds are left: when
+#              every phase runs to its cap (the worst case) none are, so int8 runs only after faster training
+#   report     train_aid_report.py: JSON + Markdown + curves PNG over the phases (rebuildable here from the copies);
+#              int8 is cut so that it always leaves the report its time
 # Output ($OUT, 3 files): q2-train-status.json, q2-train-summary.md, q2-train-results.tar.gz.
-# Knobs: train_aid.sh's (EPOCHS, BATCH, LR, WARMUP, PRECISION, PRIOR_EPOCHS, ...), the caps PRIOR_MAX_MIN (1.25),
+# Knobs: train_aid.sh's (EPOCHS, BATCH, LR, LR_WARMUP, PRECISION, PRIOR_EPOCHS, ...), the caps PRIOR_MAX_MIN (1.25),
 # MAX_MIN (2.25), CLIP_MAX_MIN (1.25), PARTS_DIR (/tmp/dparts), DATA_ROOT (/tmp/data), DATA (an unpacked dataset
-# folder instead of the parts), PARITY_PRECISIONS (fp16,bf16), INT8_MIN_S, Q_TIME_LIMIT (510).
+# folder instead of the parts), MANIFEST (the carried .dtrain*/parts.json), PARITY_PRECISIONS (fp16,bf16),
+# PARITY_S (60), INT8_MIN_S (175), and lib.sh's (Q_TIME_LIMIT 510, ...).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 . benchmarks/gpu/lib.sh
@@ -53,7 +55,7 @@ CLIP_MAX_MIN=${CLIP_MAX_MIN:-1.25}
 OVER_PRIOR=30 OVER_RUN=40 PARITY_S=${PARITY_S:-60} REPORT_S=15
 
 cap_min() {  # MAX_MIN OVERHEAD_S RESERVE_S: the cap in minutes, cut to what is left (empty when under 0.3 min)
-  awk -v l="$(q_left)" -v m="$1" -v o="$2" -v r="$(( $3 + ${Q_RESERVE:-15} ))" \
+  awk -v l="$(q_left)" -v m="$1" -v o="$2" -v r="$(( $3 + Q_RESERVE ))" \
     'BEGIN { c = (l - o - r) / 60; if (c > m) c = m; if (c >= 0.3) printf "%.2f", c }'
 }
 
@@ -82,12 +84,12 @@ phase clip "$OVER_RUN" "$(( PARITY_S + REPORT_S ))" CLIP_MAX_MIN
 if [ -f "$RUNS/priorclip/model.pt" ]; then
   q_step parity "$(( PARITY_S + 60 ))" "$PY" benchmarks/gpu/trained_parity.py --checkpoint "$RUNS/priorclip/model.pt" \
     --data "$DATA" --split test --precisions "${PARITY_PRECISIONS:-fp16,bf16}" --device "${DEVICE:-auto}" --out "$R/parity"
-  if [ "$(q_left)" -ge "${INT8_MIN_S:-150}" ]; then
-    q_step int8 "$(( $(q_left) - REPORT_S - ${Q_RESERVE:-15} ))" "$PY" benchmarks/gpu/trained_parity.py \
+  if [ "$(q_left)" -ge "${INT8_MIN_S:-175}" ]; then
+    q_step int8 "$(q_leaving "$REPORT_S")" "$PY" benchmarks/gpu/trained_parity.py \
       --checkpoint "$RUNS/priorclip/model.pt" --data "$DATA" --split test --precisions int8 --device "${DEVICE:-auto}" \
       --out "$R/int8" --stem trained-parity-int8
   else
-    q_skip int8 "$(q_left) s left, under INT8_MIN_S=${INT8_MIN_S:-150} (export + calibration + CPU inference)"
+    q_skip int8 "$(q_left) s left, under INT8_MIN_S=${INT8_MIN_S:-175} (export + calibration + CPU inference)"
   fi
 else
   q_skip parity "no trained PriorCLIP checkpoint (see the priorclip step)"

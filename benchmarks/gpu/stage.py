@@ -1,6 +1,6 @@
 """Stage AID/RSICD data inside the checkout, in git-ignored folders, so that GPU calls can carry it.
 
-``../shared`` does not travel to the GPU machine, at most 64 MiB (the ~2 MiB working tree included) travels per call,
+``../shared`` does not travel to the GPU machine, at most 64 MiB (the ~2.6 MiB working tree included) travels per call,
 and the images' licence grants nothing (``../shared/data/README.md``): they go into ignored folders only, never into
 git. Every selection is class-spread and seeded (:func:`priorclip.data.RetrievalSet.subset`), never "the first N":
 the data files sort by class.
@@ -19,7 +19,7 @@ compact JSON, as one gzip'd tar cut into parts of at most ``--part-mib`` MiB in 
 the last folder also holds ``parts.json`` (names, sizes, SHA-256 of every part) so the training call can tell a
 missing part from a complete set. The raw bytes are 131 MiB (train 112.3 MiB, test 14.5, val subset 4.2, JSON 0.3
 gzip'd), more than two calls can carry (2 x 62 MiB): the first parts travel in calls of their own and the last one
-rides with the training call.
+rides with the training call; ``python benchmarks/gpu/calls.py 2`` prints those calls.
 """
 
 from __future__ import annotations
@@ -38,31 +38,26 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run from a checkout where the package is not installed
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, Path(__file__).resolve().parent):  # the package without an install; calls.py beside this file
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
-MIB = 1 << 20
-CALL_LIMIT_MIB = 64  # what one device call carries, the working tree included
+from calls import LIMIT_MIB as CALL_LIMIT_MIB, MIB, du  # noqa: E402
+from priorclip.provenance import git_revision  # noqa: E402
+
 DATA_NAME = "dataset_rsicd_aid.json"  # the name priorclip.export.report and the queue scripts look for
 
 
 def _revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return rev + ("+uncommitted-changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return git_revision(ROOT) or "unknown"
 
 
-def _source(src: Path) -> tuple[Path, Path, dict]:
-    from priorclip.data import resolve_dataset
+def _source(src: Path) -> tuple[Path, Path, list[dict]]:
+    """(dataset JSON, image folder, its validated entries)."""
+    from priorclip.data import read_karpathy_entries, resolve_dataset
 
     json_path, images = resolve_dataset(src)
-    if not images.is_dir():
-        raise SystemExit(f"stage.py: image folder {images} not found")
-    return json_path, images, json.loads(json_path.read_text(encoding="utf-8"))
+    return json_path, images, read_karpathy_entries(json_path, images)
 
 
 def _pick(json_path: Path, images: Path, split: str, n: int, seed: int):
@@ -89,22 +84,21 @@ def _compact(entries: list[dict], keep: dict[str, set[str]]) -> dict:
     return {"dataset": "aid-rsicd (staged for a GPU call; not for redistribution)", "images": out}
 
 
-def _ignore(folder_pattern: str) -> None:
-    """Make sure git ignores the staged folder (the project's .gitignore lists them; this covers older checkouts)."""
+def _ignore(folder: Path, folder_pattern: str) -> None:
+    """Make sure git ignores the staged folder: .gitignore covers the default names, not a --dst or --prefix of
+    one's own (the images' licence forbids committing them), so this adds only what git does not already ignore."""
     exclude = ROOT / ".git" / "info" / "exclude"
     if not exclude.parent.is_dir():
+        return
+    if subprocess.run(["git", "check-ignore", "-q", str(folder)], cwd=ROOT).returncode == 0:
         return
     lines = exclude.read_text().splitlines() if exclude.is_file() else []
     if folder_pattern not in lines:
         exclude.write_text("\n".join(lines + [folder_pattern]) + "\n")
 
 
-def _du(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def stage_slice(a) -> int:
-    json_path, images, doc = _source(a.src)
+    json_path, images, entries = _source(a.src)
     test, test_desc = _pick(json_path, images, "test", a.test, a.seed)
     keep = {"test": test}
     manifest = {"purpose": "queue entries 1 (speed) and 3 (ONNX Runtime CUDA): parity/recall set and calibration",
@@ -117,18 +111,18 @@ def stage_slice(a) -> int:
     if dst.exists():
         shutil.rmtree(dst)
     (dst / "images").mkdir(parents=True)
-    compact = _compact(doc["images"], keep)
+    compact = _compact(entries, keep)
     (dst / DATA_NAME).write_text(json.dumps(compact, separators=(",", ":")), encoding="utf-8")
     for e in compact["images"]:
         name = str(Path(e.get("filepath", "")) / e["filename"])
         (dst / "images" / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(images / name, dst / "images" / name)
-    size = _du(dst)
+    size = du(dst)
     manifest.update(revision=_revision(), date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     bytes=size, command=" ".join(sys.argv))
     (dst.parent / "STAGED.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     if dst.parent.resolve().parent == ROOT.resolve():
-        _ignore(f"/{dst.parent.name}/")
+        _ignore(dst.parent, f"/{dst.parent.name}/")
     print(f"staged {dst}: test {test_desc['coverage']}"
           + (f"; calibration (train) {manifest['train_for_calibration']['coverage']}" if a.calib > 0 else "")
           + f"; {size / MIB:.1f} MiB. Carry [\"{dst.parent.name}\"] (with \".whl\").")
@@ -139,8 +133,8 @@ def stage_slice(a) -> int:
 
 
 def stage_train(a) -> int:
-    json_path, images, doc = _source(a.src)
-    splits = {e.get("split") for e in doc["images"]}
+    json_path, images, entries = _source(a.src)
+    splits = {e.get("split") for e in entries}
     for s in ("train", "test"):
         if s not in splits:
             raise SystemExit(f"stage.py: {json_path} has no {s!r} split")
@@ -149,7 +143,7 @@ def stage_train(a) -> int:
     if "val" in splits and a.val != 0:
         keep["val"], describe["val"] = _pick(json_path, images, "val", a.val, a.seed)
     keep["test"], describe["test"] = _pick(json_path, images, "test", 0, a.seed)
-    compact = _compact(doc["images"], keep)
+    compact = _compact(entries, keep)
     prefix = a.prefix
     for old in ROOT.glob(f".{prefix}[0-9]*") if a.out_root is None else a.out_root.glob(f".{prefix}[0-9]*"):
         shutil.rmtree(old)
@@ -184,15 +178,12 @@ def stage_train(a) -> int:
     last = out_root / f".{prefix}{n_parts}"
     (last / "parts.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     if out_root.resolve() == ROOT.resolve():
-        _ignore(f"/.{prefix}*/")
+        _ignore(last, f"/.{prefix}*/")
     print(f"staged {total / MIB:.1f} MiB in {n_parts} part(s) of at most {a.part_mib} MiB: "
           + ", ".join(f".{prefix}{i + 1} ({p['bytes'] / MIB:.1f} MiB)" for i, p in enumerate(parts)))
     print("splits: " + "; ".join(f"{k} {v['coverage']}" for k, v in describe.items()))
-    print("Device calls, back to back (the machine stays warm ~30 s between calls):")
-    for i, p in enumerate(parts[:-1]):
-        print(f"  carry [\".{prefix}{i + 1}\"]: mkdir -p /tmp/dparts && cp .{prefix}{i + 1}/part.* /tmp/dparts/ && ls -l /tmp/dparts")
-    print(f"  carry [\".{prefix}{n_parts}\", \".whl\"]: bash benchmarks/gpu/q2-train.sh   "
-          "(see benchmarks/gpu/README.md; PRIORCLIP_GIT_REVISION=... in front)")
+    print(f"the device calls, back to back: python benchmarks/gpu/calls.py 2 ({n_parts - 1} data call(s), then the "
+          "training call)")
     if parts[-1]["bytes"] > a.part_mib * MIB or (n_parts > 1 and max(p["bytes"] for p in parts) > (CALL_LIMIT_MIB - 4) * MIB):
         print("stage.py: a part is too large for one call", file=sys.stderr)
         return 2

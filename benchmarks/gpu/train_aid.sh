@@ -19,26 +19,32 @@
 # then validation and the test split run as usual). A run the guard cut short is marked 'stopped' in the report, and
 # its steps/planned show by how much the budgets then differ.
 #
-# DATA_DIR defaults to ../shared/data/aid-rsicd, else /tmp/data/aid-rsicd. Run folders (checkpoints included) go to
+# DATA_DIR defaults to $DATA, else the dataset every priorclip tool finds by itself (priorclip.data.default_dataset:
+# $PRIORCLIP_DATASET, then ../shared/data/aid-rsicd, ..., /tmp/data/aid-rsicd). Run folders (checkpoints included) go to
 # $RUNS (default runs/train-aid, ignored by git). The small outputs of every phase (summary.json or
 # prior_summary.json, metrics.jsonl, the log: 3 files) are copied to $OUT/<phase>/; `report` reads $RUNS, or
 # REPORT_FROM=<a folder holding those phase folders>, and writes $OUT/train-aid-results.{json,md} and
 # $OUT/train-aid-curves.png.
 #
 # Knobs (environment), defaults sized for one 9-minute H100 call (benchmarks/gpu/README.md derives them):
-# EPOCHS (2: 310 steps of 256 pairs), BATCH (256), LR (5e-4), WARMUP (30 steps), PRECISION (bf16), WORKERS
+# EPOCHS (2: 310 steps of 256 pairs), BATCH (256), LR (5e-4), LR_WARMUP (30 steps), PRECISION (bf16), WORKERS
 # (cores - 2), PRIOR_EPOCHS (8), PRIOR_BATCH (256), PRIOR_LR (2e-3), PRIOR_WARMUP (50), MAX_MIN (2.25),
 # CLIP_MAX_MIN (MAX_MIN), PRIOR_MAX_MIN (1.25), VAL_LIMIT (validate on N class-spread val images; default: the whole
 # val split), MODEL (priorclip-vit-b32), CLIP_MODEL (clip-vit-b32), DEVICE (auto), DATA_JSON
 # (dataset_rsicd_aid.json), EXTRA (more `priorclip train` options), PYTHON. The CPU tests run every phase with the
-# tiny configs through these knobs.
+# tiny configs through these knobs. The tokenizer needs ftfy, which the GPU image lacks: q2-train.sh installs the
+# carried wheels first (lib.sh); on its own, this script needs an environment that has it.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 
 PHASES=${1:?usage: train_aid.sh prior|priorclip|noaff|clip|randprior|report|all [DATA_DIR]}
-DEFAULT_DATA=../shared/data/aid-rsicd
-[[ -d "$DEFAULT_DATA" || ! -d /tmp/data/aid-rsicd ]] || DEFAULT_DATA=/tmp/data/aid-rsicd
-DATA=${2:-${DATA:-$DEFAULT_DATA}}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+DATA=${2:-${DATA:-}}
+if [[ -z "$DATA" && "$PHASES" != report ]]; then  # the search every priorclip tool makes, in one place
+  FOUND=$("$PY" -c 'from priorclip.data import default_dataset as d; f = d(); print(f[0] if f else "")')
+  [[ -n "$FOUND" ]] && { DATA=$(dirname "$FOUND"); DATA_JSON=${DATA_JSON:-$(basename "$FOUND")}; }
+  echo "data: ${FOUND:-none found (pass the aid-rsicd folder as the second argument)}"
+fi
 DATA_JSON=${DATA_JSON:-dataset_rsicd_aid.json}
 RUNS=${RUNS:-runs/train-aid}
 OUT=${OUT:-$RUNS/report}
@@ -47,7 +53,7 @@ WORKERS=${WORKERS:-$(( CORES > 3 ? CORES - 2 : 1 ))}
 EPOCHS=${EPOCHS:-2}
 BATCH=${BATCH:-256}
 LR=${LR:-5e-4}
-WARMUP=${WARMUP:-30}
+LR_WARMUP=${LR_WARMUP:-30}  # not WARMUP: in the queue's bench entries that is the bench's warm-up calls
 PRECISION=${PRECISION:-bf16}
 PRIOR_EPOCHS=${PRIOR_EPOCHS:-8}
 PRIOR_BATCH=${PRIOR_BATCH:-256}
@@ -61,7 +67,6 @@ MODEL=${MODEL:-priorclip-vit-b32}
 CLIP_MODEL=${CLIP_MODEL:-clip-vit-b32}
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}
-PY=${PYTHON:-$(command -v python3 || command -v python)}
 PRIORCLIP=("$PY" -m priorclip.cli)
 [[ "$PHASES" == all ]] && PHASES=prior,priorclip,noaff,clip,report
 
@@ -70,14 +75,9 @@ if [[ "$PHASES" != report && ! -f "$DATA/$DATA_JSON" ]]; then
   exit 2
 fi
 if [[ "$PHASES" != report ]] && ! "$PY" -c "import ftfy" 2>/dev/null; then  # the GPU image lacks ftfy
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${Q_SITE:-/tmp/site}" \
-      .whl/*.whl || { echo "Error: installing .whl/*.whl failed" >&2; exit 2; }
-    export PYTHONPATH=${Q_SITE:-/tmp/site}${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "Error: the tokenizer needs ftfy: pip install ftfy, or carry its wheels in .whl/ (benchmarks/gpu/README.md)" >&2
-    exit 2
-  fi
+  echo "Error: the tokenizer needs ftfy: pip install ftfy, or run this through q2-train.sh with its wheels in .whl/" \
+    "(benchmarks/gpu/README.md)" >&2
+  exit 2
 fi
 export PYTHONUNBUFFERED=1
 mkdir -p "$RUNS" "$OUT" || { echo "Error: cannot create $RUNS or $OUT" >&2; exit 2; }
@@ -101,7 +101,7 @@ retrieval() {  # NAME MODEL CAP_MIN [options...]: one retrieval run with the sha
   # The budget is the same for every run: epochs, batch, lr, schedule, precision, seed, augmentation. Checkpoints:
   # the resumable one only at the end (2.3 GB with the optimiser state for the full model), no per-epoch copies.
   "${PRIORCLIP[@]}" train --data "$DATA/$DATA_JSON" --images "$DATA/images" --model "$model" \
-    --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" --wd 0.2 --beta2 0.98 --eps 1e-6 --warmup "$WARMUP" \
+    --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" --wd 0.2 --beta2 0.98 --eps 1e-6 --warmup "$LR_WARMUP" \
     --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" --seed 0 --log-every 10 \
     --val-split val --test-split test "${VAL_ARGS[@]}" --no-epoch-checkpoints --resume-every-epochs 1000 \
     --max-wall-min "$cap" --no-progress --out "$RUNS/$name" "$@" $EXTRA 2>&1 | tee "$RUNS/$name.log"

@@ -107,11 +107,12 @@ q_init q9-test
 R=$Q_WORK/results
 q_step first 30 bash -c "echo kept > $R/first/result.txt"
 q_step broken 30 bash -c "echo 'Error: something broke' >&2; exit 4"
-q_step slow 6 sleep 30
+# a training phase's metrics as they are written, before the step is cut off (q2's runs/<phase>/metrics.jsonl)
+q_step slow 6 bash -c "mkdir -p $Q_WORK/runs/slow && echo step-1 > $Q_WORK/runs/slow/metrics.jsonl; sleep 30"
 q_step late 30 bash -c "echo never > $R/late/x.txt"
 q_finish
 """)
-    env = _env(tmp_path, Q_TIME_LIMIT="12", Q_RESERVE="0", Q_MIN_STEP_S="8")
+    env = _env(tmp_path, Q_TIME_LIMIT="12", Q_RESERVE="0", Q_MIN_STEP_S="8", Q_KILL_S="2")
     r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr  # a step timed out or failed
     out = tmp_path / "out"
@@ -125,9 +126,66 @@ q_finish
     assert steps["broken"]["note"] == "Error: something broke"
     assert steps["late"]["state"] == "skipped" and "not enough time left" in steps["late"]["note"]
     assert status["finished"] and status["time_limit_s"] == 12 and status["revision"]
-    assert _results(out, "q9-test")["results/first/result.txt"] == b"kept\n"
+    files = _results(out, "q9-test")
+    assert files["results/first/result.txt"] == b"kept\n"
+    assert files["runs/slow/metrics.jsonl"] == b"step-1\n"  # kept although the step was killed
     summary = (out / "q9-test-summary.md").read_text()
     assert "| slow | TIMEOUT |" in summary and "| broken | FAILED |" in summary
+    # the summary is the last thing printed (the device tool returns the end of the output)
+    assert r.stdout.rstrip().endswith("all of it: the -results.tar.gz)") and "| slow | TIMEOUT |" in r.stdout
+    assert r.stdout.rindex("q9-test-status.json") < r.stdout.rindex("| step | state |")
+
+
+def test_lib_leaves_a_later_step_its_time(tmp_path):
+    """A step limited with q_leaving that runs to its limit, even one that ignores SIGTERM, still leaves the next
+    step enough time to run (q2's int8 step before its report)."""
+    script = tmp_path / "entry.sh"
+    script.write_text(f"""set -uo pipefail
+. {GPU / 'lib.sh'}
+q_init q9-test
+q_step greedy "$(q_leaving 3)" bash -c "trap '' TERM; sleep 60"
+q_step report 30 bash -c "echo report > $Q_WORK/results/report/r.txt"
+q_finish
+""")
+    env = _env(tmp_path, Q_TIME_LIMIT="20", Q_RESERVE="1", Q_MIN_STEP_S="3", Q_KILL_S="2")
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    status = json.loads((tmp_path / "out" / "q9-test-status.json").read_text())
+    states = {s["name"]: s["state"] for s in status["steps"]}
+    assert states == {"greedy": "timeout", "report": "ok"}, r.stdout + r.stderr
+
+
+def test_bench_step_notes_name_failed_and_cut_off_engines(tmp_path):
+    """priorclip-bench exits 0 when engines fail: the step's note names them, and a bench cut off by its limit
+    names the engine it was on, from its "[engine] building ..." line."""
+    def bench_json(engines, recall=()):
+        return json.dumps({"engines": [{"backend": b, "precision": p, "status": st, "reason": why, "verdict": v}
+                                       for b, p, st, why, v in engines],
+                           "recall": {"engines": [{"engine": n, "failures": f} for n, f in recall]}})
+
+    done = bench_json([("torch", "fp32", "ok", None, "PASS"), ("torch", "fp16", "ok", None, "FAIL"),
+                       ("aoti", "fp16", "failed", "RuntimeError: no compiler", "FAIL")],
+                      [("torch/fp16", ["|ΔmR| 2.1 > 1.0"])])
+    cut = bench_json([("torch-compile", "fp16", "ok", None, "PASS")])
+    (tmp_path / "done.json").write_text(done)
+    (tmp_path / "cut.json").write_text(cut)
+    script = tmp_path / "entry.sh"
+    script.write_text(f"""set -uo pipefail
+. {GPU / 'lib.sh'}
+q_init q9-test
+R=$Q_WORK/results
+q_step bench 30 cp {tmp_path / 'done.json'} $R/bench/bench-x.json
+q_step compiled 3 bash -c "echo '[torch-compile/fp16] building ...' >&2; cp {tmp_path / 'cut.json'} $R/compiled/bench-y.json
+echo '[aoti/fp16] building ...' >&2; sleep 30"
+q_finish
+""")
+    env = _env(tmp_path, Q_TIME_LIMIT="60", Q_RESERVE="0", Q_MIN_STEP_S="1", Q_KILL_S="2")
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    steps = {s["name"]: s for s in json.loads((tmp_path / "out" / "q9-test-status.json").read_text())["steps"]}
+    assert steps["bench"]["state"] == "ok", r.stdout + r.stderr
+    assert steps["bench"]["note"] == ("torch/fp16 FAIL: |ΔmR| 2.1 > 1.0; aoti/fp16 failed: RuntimeError: no compiler")
+    assert steps["compiled"]["state"] == "timeout"
+    assert "cut off during aoti/fp16" in steps["compiled"]["note"] and "torch-compile" not in steps["compiled"]["note"]
+    assert "aoti/fp16 failed" in (tmp_path / "out" / "q9-test-summary.md").read_text()
 
 
 def test_q1_speed_dry_run(slice_dir, tmp_path):
@@ -153,7 +211,7 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
         ("torch", "fp32", "ok"), ("torch", "bf16", "ok")]
     ds = eager["recall"]["dataset"]  # parity on the carried slice, all of it
     assert ds["generated"] is False and ds["n_images"] == 12 and ds["n_classes"] == 6
-    assert eager["config"]["batch_sizes"] == [4] and eager["environment"]["git_revision"]  # abc123 without .git
+    assert eager["config"]["batch_sizes"] == [4] and eager["environment"]["git_revision"] == "abc123"  # no .git there
     tf32 = _one(files, "results/tf32/bench-cpu-eager-tf32-", ".json")
     assert "TF32 ON" in tf32["config"]["note"] and [e["backend"] for e in tf32["engines"]] == ["torch"]
     compiled = _one(files, "results/compiled/bench-cpu-compiled-", ".json")
@@ -161,6 +219,9 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
     assert "results/env.txt" in files and any(k.startswith("logs/eager") for k in files)
     summary = (out / "q1-speed-summary.md").read_text()
     assert "| eager | ok |" in summary and "## eager/bench-cpu-eager-" in summary
+    # what the call prints last fits the device tool's 12,000-character output tail, the step table included
+    brief = r.stdout[r.stdout.rindex("# GPU queue entry"):]
+    assert len(brief) < 12_000 and "| compiled | ok |" in brief and "## eager/bench-cpu-eager-" in brief
 
     # filed under benchmarks/results/gpu/ with the status (device, versions, command, revision, date)
     res = tmp_path / "results"
@@ -170,7 +231,7 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
     (dest,) = (res / "gpu").iterdir()
     assert dest.name.startswith("q1-speed-cpu-") and (dest / "status.json").is_file() and (dest / "summary.md").is_file()
     assert list((dest / "eager").glob("bench-cpu-eager-*.json")) and not (dest / "logs").exists()
-    assert "| q1-speed |" in r.stdout and "3 ok, 2 skipped" in r.stdout
+    assert "last run: " in r.stdout and "3 ok, 2 skipped" in r.stdout and f"results: `{dest}/`" in r.stdout
 
 
 def test_q1_errors_are_one_line(slice_dir, tmp_path):
@@ -227,11 +288,38 @@ def test_wheel_parts_missing_part_is_named(tmp_path):
     assert not (tmp_path / "site").exists()
 
 
+def test_setup_installs_carried_wheels(slice_dir, tmp_path):
+    """The GPU image lacks ftfy: a wheel carried in .whl/ is installed into Q_SITE ahead of everything else on
+    PYTHONPATH, so the ftfy check passes and the steps import it (here an ftfy that is blocked otherwise)."""
+    whl = tmp_path / "wheels"
+    whl.mkdir()
+    _fake_wheel(whl, name="ftfy", version="6.3.1")
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "ftfy.py").write_text("raise ImportError('ftfy is not installed here')\n")
+    script = tmp_path / "entry.sh"
+    script.write_text(f"""set -uo pipefail
+. {GPU / 'lib.sh'}
+q_init q9-test
+q_setup
+q_step check 60 "$PY" -c "import ftfy, sys; print('ftfy from', ftfy.__file__); sys.exit(ftfy.VERSION != '1.0')"
+q_finish
+""")
+    env = _env(tmp_path, WHL_DIR=whl, PYTHONPATH=block, DEVICE="cpu")
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (tmp_path / "site" / "ftfy" / "__init__.py").is_file()
+    assert f"ftfy from {tmp_path / 'site' / 'ftfy' / '__init__.py'}" in r.stdout
+    status = json.loads((tmp_path / "out" / "q9-test-status.json").read_text())
+    assert status["steps"][0]["state"] == "ok" and status["environment"]["ftfy"] == "?"  # the fake has no __version__
+    assert "pip could not" not in (tmp_path / "work" / "logs" / "pip-whl.log").read_text()
+
+
 def test_q3_ort_dry_run(slice_dir, tmp_path):
     wheel = _fake_wheel(tmp_path)
     chunks, names = _chunk([wheel], tmp_path, part_bytes=wheel.stat().st_size // 3 + 1)
     env = _env(tmp_path, DATA=slice_dir, NAMES=names, CHUNKS_DIR=chunks, ENGINES="onnxruntime:fp16",
-               EXPORT_VARIANTS="onnx-fp16")
+               EXPORT_VARIANTS="fp16")
     r = subprocess.run(["bash", str(GPU / "q3-ort-cuda.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     out = tmp_path / "out"
@@ -239,13 +327,15 @@ def test_q3_ort_dry_run(slice_dir, tmp_path):
     status = json.loads((out / "q3-ort-cuda-status.json").read_text())
     assert [(s["name"], s["state"]) for s in status["steps"]] == [
         ("wheels", "ok"), ("preflight", "ok"), ("bench", "ok"), ("export-fp16", "ok")]
+    assert all(s["note"] is None for s in status["steps"])  # no engine failed
     assert (tmp_path / "site" / "priorclip_fake_dep" / "__init__.py").is_file()  # the parts, put back, installed
     files = _results(out, "q3-ort-cuda")
     pre = json.loads(files["results/preflight/preflight.json"])
     assert pre["ok"] and pre["session_providers"][0] == "CPUExecutionProvider"
     bench = _one(files, "results/bench/bench-cpu-ort-", ".json")
     assert [(e["backend"], e["precision"], e["status"]) for e in bench["engines"]] == [("onnxruntime", "fp16", "ok")]
-    export = _one(files, "results/export-fp16/export-parity-cpu-ort-export-fp16-", ".json")
+    assert "--calib-images 256 --calib-captions 1024" in bench["environment"]["command"]  # as the export steps
+    export = _one(files, "results/export-fp16/export-parity-cpu-ort-fp16-", ".json")
     (name,) = export["reports"]
     assert name.startswith("onnx-fp16") and export["reports"][name]["n_images"] == 12
     assert "12 images over 6" in export["held_out"]
@@ -260,7 +350,7 @@ def test_q3_stops_when_onnxruntime_falls_back_to_cpu(slice_dir, tmp_path):
     status = json.loads((tmp_path / "out" / "q3-ort-cuda-status.json").read_text())
     states = {s["name"]: s["state"] for s in status["steps"]}
     assert states["wheels"] == "skipped" and states["preflight"] == "failed"
-    assert all(states[s] == "skipped" for s in ("bench", "export-fp16", "export-int8", "export-int8-more"))
+    assert all(states[s] == "skipped" for s in ("bench", "export-int8-minmax", "export-int8-percentile"))
     pre = json.loads(_results(tmp_path / "out", "q3-ort-cuda")["results/preflight/preflight.json"])
     assert pre["ok"] is False and "CUDAExecutionProvider" in pre["message"]
 
@@ -327,8 +417,10 @@ def test_calls_checks_sizes_and_staging(tmp_path, monkeypatch, capsys):
     (tmp_path / ".dtrain3" / "parts.json").write_text("{}")
     plan = calls.plan("2", "abc123")
     assert [c["carry"] for c in plan] == [[".dtrain1"], [".dtrain2"], [".dtrain3", ".whl"]]
+    assert plan[0]["command"] == "mkdir -p /tmp/dparts && cp .dtrain1/part.* /tmp/dparts/ && ls -l /tmp/dparts"
     assert plan[-1]["command"] == "PRIORCLIP_GIT_REVISION=abc123 bash benchmarks/gpu/q2-train.sh"
-    errors = calls.check(plan)
+    assert plan[-1]["timeout_s"] == 540 and set(plan[-1]) == {"carry", "command", "timeout_s"}  # ready for run
+    errors, sizes = calls.check(plan)
     assert any("call 2 would send 65.0 MiB" in e for e in errors)  # 62 + the 3 MiB tree: over 64
     assert any("no ftfy wheel" in e for e in errors) and any(".whl, which does not exist" in e for e in errors)
-    assert plan[0]["travels_mib"] == 53.0
+    assert sizes[0] == 53.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import pytest
@@ -42,12 +44,75 @@ def test_suppressed_percentiles_print_as_a_dash():
     assert cells[4:8] == ["9", "1.00", "—", "—"]  # calls, p50, p90, p99
 
 
-def test_latency_calls_are_synchronised_and_throughput_is_measured():
-    pool = [torch.zeros(1)]
+def test_latency_calls_are_synchronised_and_throughput_is_measured(monkeypatch):
+    """The GPU path with a recording torch.cuda.synchronize (no CUDA touched): a sync after the warm-up and after
+    every latency call, inside its timed span; the pipelined pass syncs only before and after its back-to-back calls.
+    """
+    events = []
+
+    def fake_sync(device=None):
+        events.append("sync")
+        time.sleep(0.003)  # the device's pending work: a latency call must wait for it
+
+    monkeypatch.setattr(torch.cuda, "synchronize", fake_sync)
+    pool = [torch.zeros(1), torch.ones(1)]
+    ms, seconds, calls, method = harness.measure_point(lambda x: events.append("call"), pool, 2, 5,
+                                                       torch.device("cuda"))
+    assert events == (["call"] * 2 + ["sync"]  # warm-up, then one sync before timing starts
+                      + ["call", "sync"] * 5  # one sync per latency call
+                      + ["sync"] + ["call"] * 5 + ["sync"])  # pipelined: calls == iters, one sync at the end
+    assert len(ms) == 5 and all(m >= 3.0 for m in ms)  # the sync's wait is inside every latency sample
+    assert calls == 5 and seconds >= 0.003 and "one sync at the end" in method
+
+    # CPU: no synchronisation at all, and the latency calls themselves are the throughput measurement
+    events.clear()
     ms, seconds, calls, method = harness.measure_point(lambda x: time.sleep(0.002), pool, 1, 4, torch.device("cpu"))
-    assert len(ms) == 4 and all(m >= 2.0 for m in ms) and calls == 4 and seconds >= 0.008
-    assert "back-to-back" in method
-    assert harness.time_pipelined(lambda x: None, pool, 3, torch.device("cpu")) >= 0
+    assert "sync" not in events and len(ms) == 4 and all(m >= 2.0 for m in ms)
+    assert calls == 4 and seconds == pytest.approx(sum(ms) / 1e3) and "latency calls" in method
+
+
+def _fake_nvidia_smi(monkeypatch, apps: list[tuple[str, int, int]]):
+    """nvidia-smi's CSV answers: one GPU (GPU-a, 80 % busy) and the given compute apps (gpu uuid, pid, MiB)."""
+    def run(cmd, **kw):
+        if cmd[1].startswith("--query-gpu="):
+            out = "GPU-a, 80, 2000\nGPU-b, 0, 10\n"
+        else:
+            out = "".join(f"{u}, {pid}, {mib}\n" for u, pid, mib in apps)
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(harness.subprocess, "run", run)
+
+
+def _gpu_warnings(reading: dict) -> list[str]:
+    mon = harness.LoadMonitor(reader=lambda: None, gpu_reader=lambda: reading)
+    with mon.window():
+        pass
+    return [w for w in harness.assess_reliability(mon.summary(), [])["warnings"] if "GPU" in w]
+
+
+def test_read_gpu_tells_our_process_from_others_also_across_pid_namespaces(monkeypatch):
+    me = os.getpid()
+    host_me, host_other = me + 100_000, me + 100_001  # PIDs of another namespace: none is ours as we see it
+
+    _fake_nvidia_smi(monkeypatch, [("GPU-a", me, 900)])  # only this process
+    g = harness.read_gpu("GPU-a")
+    assert g == {"util_pct": 80.0, "others": []} and not _gpu_warnings(g)
+
+    _fake_nvidia_smi(monkeypatch, [("GPU-a", me, 900), ("GPU-a", 4242, 300), ("GPU-b", 77, 5)])  # + one other here
+    g = harness.read_gpu("GPU-a")
+    assert g["others"] == [{"pid": 4242, "used_mib": 300.0}] and not g.get("foreign_pids")  # GPU-b's not counted
+    assert any("other processes ran on the GPU" in w and "pid 4242" in w for w in _gpu_warnings(g))
+
+    # a container: nvidia-smi reports host PIDs, so the one process on our GPU is most likely this one
+    _fake_nvidia_smi(monkeypatch, [("GPU-a", host_me, 900), ("GPU-b", 77, 5)])
+    g = harness.read_gpu("GPU-a")
+    assert g["others"] == [] and not _gpu_warnings(g)
+
+    _fake_nvidia_smi(monkeypatch, [("GPU-a", host_me, 900), ("GPU-a", host_other, 300)])  # two: someone else too
+    g = harness.read_gpu("GPU-a")
+    assert g["foreign_pids"] and {o["pid"] for o in g["others"]} == {host_me, host_other}
+    (w,) = _gpu_warnings(g)
+    assert w.startswith("2 compute processes shared the GPU") and "another namespace" in w
 
 
 def test_wide_spread_is_flagged_unsteady():

@@ -71,6 +71,20 @@ def test_dmr_is_not_judged_on_a_small_set_and_never_widened():
     assert recall.DMR_NOT_JUDGED in recall.dmr_note(["fp16"], 16) and recall.dmr_note(["fp16"], 334) is None
 
 
+def test_an_export_parity_report_is_reused_only_on_the_same_set():
+    class _Set:  # describe() holds the sizes and the class coverage
+        def describe(self):
+            return {"n_images": 2, "n_captions": 4, "n_classes": 2, "coverage": "2 images over 2 classes"}
+
+    data = recall.PreparedSet(torch.zeros(2, 3, 4, 4), torch.zeros(4, 5, dtype=torch.long), np.array([0, 0, 1, 1]),
+                              {}, _Set())
+    assert recall.same_set({"dataset": _Set().describe()}, data)
+    assert not recall.same_set({"dataset": {**_Set().describe(), "n_captions": 3}}, data)
+    assert not recall.same_set(None, data) and not recall.same_set({}, data)
+    data.dataset = None  # no set to compare with: never reused
+    assert not recall.same_set({"dataset": _Set().describe()}, data)
+
+
 def test_rank_flips_are_reported_beside_the_cosines():
     img, txt, owner = _embeddings()
     order = torch.arange(50).repeat(len(img), 1)

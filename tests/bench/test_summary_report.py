@@ -49,7 +49,11 @@ def strict_run(tmp_path_factory):
 def test_strict_exits_non_zero_when_an_engine_fails(strict_run):
     res, doc, _ = strict_run
     assert res.exit_code == 3, res.output
-    assert "FAIL: torch/bf16" in res.output
+    # the FAIL and its reason, and each reliability warning, are printed once (in the tables), not again on stderr
+    assert res.output.count("FAIL torch/bf16: image cosine min") == 1 and "FAIL: " not in res.output
+    warnings = doc["reliability"]["warnings"]
+    assert res.output.count("WARNING: timings may be unreliable") == len(warnings)
+    assert all(res.output.count(w) == 1 for w in warnings)
     assert doc["summary"]["failing"] == ["torch/bf16"]
     assert validate_report(doc) == []
 
@@ -143,20 +147,22 @@ def test_reachable_dataset_is_the_default_and_calibration_uses_its_train_split(t
 
 def test_exported_engines_get_the_recall_set_and_a_refused_export_fails(monkeypatch):
     """Exporting backends receive the recall set and its reference embeddings; an export whose own parity ran on
-    that set is reused, and one refused for its parity is a FAIL row that says why."""
-    seen = {}
+    that set is reused, and one refused for its parity is a FAIL row that says why, its parity in the recall table."""
+    from priorclip.export.api import ExportError
+    from priorclip.export.parity import parity_report
 
-    class ExportError(Exception):
-        pass
+    seen = {}
 
     def factory(backend, model, precision, device, **kw):
         seen[precision] = kw
         eng = create_engine("torch", model, "fp32", device)
-        if precision == "fp16":
-            err = ExportError("parity outside the fp16 tolerance: image cosine min 0.98 < 0.999")
+        if precision == "fp16":  # refused as export/api.py refuses it: the error carries its parity report
+            bad = Engine(_Corrupt(eng), backend, precision, device, fixed_text_length=False)
+            rep = parity_report(bad, None, kw["parity_set"], "fp16", reference_embeddings=kw["reference_embeddings"])
+            assert not rep["passed"]
+            err = ExportError(f"parity outside the fp16 tolerance: {'; '.join(rep['failures'])}")
+            err.parity = rep
             raise err
-        from priorclip.export.parity import parity_report
-
         rep = parity_report(eng, None, kw["parity_set"], "fp32", reference_embeddings=kw["reference_embeddings"])
         return Engine(eng.inner, backend, precision, device, fixed_text_length=False, info={"export_parity": rep})
 
@@ -169,12 +175,18 @@ def test_exported_engines_get_the_recall_set_and_a_refused_export_fails(monkeypa
     assert len(seen["fp32"]["parity_set"].images) == 6 and ref_img.shape[0] == 6 and ref_order is not None
     rows = {r["engine"]: r for r in doc["recall"]["engines"]}
     assert rows["aoti/fp32"]["source"].startswith("export parity") and rows["aoti/fp32"]["within_tolerance"]
+    refused = rows["aoti/fp16"]  # the refused export's own parity joins the recall table, no second embedding pass
+    assert refused["source"].startswith("export parity") and not refused["within_tolerance"]
+    assert any("image cosine min" in f for f in refused["failures"]) and refused["n_images"] == 6
     failed = next(e for e in doc["engines"] if e["precision"] == "fp16")
     assert failed["status"] == "failed" and failed["verdict"] == "FAIL"
     summary = {r["engine"]: r for r in doc["summary"]["rows"]}
     assert summary["aoti/fp16"]["verdict"] == "FAIL"
     assert "parity outside the fp16 tolerance" in summary["aoti/fp16"]["why"]
-    assert "aoti/fp16 [FAIL]" in render_markdown(doc)
+    md = render_markdown(doc)
+    assert "aoti/fp16 [FAIL]" in md
+    recall_md = md[md.index("## Recall check"):]
+    assert any(ln.startswith("| aoti/fp16 [FAIL] |") and "**FAIL**" in ln for ln in recall_md.splitlines())
     assert validate_report(doc) == []
 
 
@@ -197,6 +209,26 @@ def test_speedup_against_compile_names_its_precision_when_it_differs():
     cells = report_mod.summary_rows(doc)[1][2]
     assert "2.00x / 2.00x (vs fp32)" in cells
     assert "no parity check ran" in doc["summary"]["fastest_line"]
+
+
+def test_tf32_label_follows_each_engines_recorded_flag():
+    """"+TF32" marks exactly the engines whose metadata records TF32 on (the runner decides which backends it
+    applies to); ΔmR cells are recall.fmt_dmr's."""
+    meta = {("torch", "fp32"): {"tf32": True}, ("onnxruntime", "fp32"): {}, ("torch", "fp16"): None}
+    doc = {
+        "config": {"batch_sizes": [8], "towers": ["image"], "tf32": True},
+        "environment": {"device": "cuda:0"},
+        "recall": None,
+        "engines": [{"backend": b, "precision": p, "status": "ok", "reason": None, "verdict": "unchecked",
+                     "metadata": m} for (b, p), m in meta.items()],
+        "timings": [{"backend": b, "precision": p, "tower": "image", "batch": 8, "items_per_s": 1.0, "p50_ms": 1.0}
+                    for b, p in meta],
+    }
+    doc["summary"] = report_mod.build_summary(doc)
+    doc["summary"]["rows"][0].update(dmr=0.25, dmr_judged=False)
+    cells = report_mod.summary_rows(doc)[1]
+    assert [c[1] for c in cells] == ["fp32+TF32", "fp32", "fp16"]
+    assert cells[0][6] == "(+0.25)" and cells[1][6] == "—"
 
 
 def test_load_warning_from_injected_readings():

@@ -56,6 +56,37 @@ def tiny_exports(tiny_model, synthetic_set, tmp_path_factory):
     return out
 
 
+STREAM_HANDLE = 777  # the raw handle the stand-in private stream hands to the runtime
+
+
+@pytest.fixture
+def cuda_stand_in(monkeypatch):
+    """No GPU here: the engines' CUDA device becomes the CPU and their private stream a recorder.
+
+    Returns the event list the recorder appends "begin" / "end" to; the stand-in runtimes (ONNX Runtime's
+    ``run_with_iobinding``, TensorRT's ``execute_async_v3``) append "run" to the same list, so a test sees the order.
+    """
+    from priorclip.export import engines as E
+
+    events: list[str] = []
+
+    class Stream:
+        handle = STREAM_HANDLE
+
+        def __init__(self, device):
+            self.device = device
+
+        def begin(self):
+            events.append("begin")
+
+        def end(self):
+            events.append("end")
+
+    monkeypatch.setattr(E, "_cuda_device", lambda device, what: torch.device("cpu"))
+    monkeypatch.setattr(E, "_CudaStream", Stream)
+    return events
+
+
 def tokens_for(lengths, context=77, seed=0):
     """Token batch [B, context]: SOT, random ids, EOT at the given lengths, zero padding."""
     g = torch.Generator().manual_seed(seed)

@@ -57,9 +57,15 @@ def _cli(args):
     return r.exit_code, lines
 
 
-@pytest.mark.parametrize("case", ["format", "checkpoint", "empty-calib", "unwritable", "int8-no-calib", "method"])
+@pytest.mark.parametrize("case", ["format", "checkpoint", "empty-calib", "unwritable", "int8-no-calib", "method",
+                                  "keep-fp-typo"])
 def test_cli_bad_inputs_give_one_line(case, tmp_path):
     out = str(tmp_path / "out")
+    calib_json = ""
+    if case == "keep-fp-typo":
+        from priorclip.synthetic import make_sample
+
+        calib_json = str(make_sample(tmp_path / "calib", n_images=4, size=32)[0])
     args = {
         "format": ["--model", "priorclip-tiny", "--format", "tflite", "--out", out],
         "checkpoint": ["--checkpoint", str(tmp_path / "missing.pt"), "--out", out],
@@ -68,6 +74,8 @@ def test_cli_bad_inputs_give_one_line(case, tmp_path):
         "unwritable": ["--model", "priorclip-tiny", "--no-parity", "--out", str(tmp_path / "afile" / "out")],
         "int8-no-calib": ["--model", "priorclip-tiny", "--precision", "int8", "--out", out],
         "method": ["--model", "priorclip-tiny", "--precision", "int8", "--calib-method", "mse", "--out", out],
+        "keep-fp-typo": ["--model", "priorclip-tiny", "--precision", "int8", "--calib-data", calib_json, "--calib-split", "test",
+                         "--keep-fp", "visual.conv1", "--keep-fp", "res_visual.atnpool*", "--no-parity", "--out", out],
     }[case]
     if case == "unwritable":
         (tmp_path / "afile").write_text("x")
@@ -75,8 +83,11 @@ def test_cli_bad_inputs_give_one_line(case, tmp_path):
     assert code != 0
     assert len(lines) == 1 and lines[0].startswith("Error: "), lines
     expect = {"format": "--format", "checkpoint": "checkpoint not found", "empty-calib": "no image files",
-              "unwritable": "not writable", "int8-no-calib": "--calib-data", "method": "--calib-method"}[case]
+              "unwritable": "not writable", "int8-no-calib": "--calib-data", "method": "--calib-method",
+              "keep-fp-typo": "--keep-fp 'res_visual.atnpool*' matches no layer"}[case]
     assert expect in lines[0]
+    if case == "keep-fp-typo":
+        assert not (tmp_path / "out" / "image_encoder.onnx").exists()  # refused before any export work
 
 
 def test_cli_parity_set_defaults_to_real_data_else_labelled_generated(tmp_path, monkeypatch):

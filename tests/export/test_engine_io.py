@@ -25,23 +25,14 @@ from priorclip.errors import PriorCLIPError
 from priorclip.export import engines as E
 from priorclip.export import open_engine, read_manifest
 
-from .conftest import tokens_for
+from .conftest import STREAM_HANDLE, tokens_for
 
 
-class _Stream:
-    def __init__(self, device):
-        self.handle, self.calls = 777, []
-
-    def begin(self):
-        self.calls.append("begin")
-
-    def end(self):
-        self.calls.append("end")
-
-
-def _fake_ort(cpu_only: bool = False, placement: dict | None = None):
-    """A stand-in ``onnxruntime`` that offers the CUDA provider; sessions are real CPU sessions underneath."""
-    log = {"providers": [], "bind_input": [], "bind_output": [], "runs": 0, "config": {}}
+def _fake_ort(events: list, cpu_only: bool = False, placement: dict | None = None):
+    """A stand-in ``onnxruntime`` that offers the CUDA provider; sessions are real CPU sessions underneath.
+    ``run_with_iobinding`` appends "run" to ``events``, the list the stand-in stream records begin/end in."""
+    log = {"providers": [], "bind_input": [], "bind_output": [], "runs": 0, "config": {}, "bindings": 0,
+           "cleared": 0, "run_options": [], "raise_run": None}
 
     class SessionOptions(real_ort.SessionOptions):
         def add_session_config_entry(self, key, value):
@@ -62,6 +53,13 @@ def _fake_ort(cpu_only: bool = False, placement: dict | None = None):
             assert device_type == "cuda" and buffer_ptr is not None  # preallocated on the device
             self.real.bind_output(name, "cpu", 0, element_type, shape, buffer_ptr)
 
+        def clear_binding_inputs(self):
+            log["cleared"] += 1
+            self.real.clear_binding_inputs()
+
+        def clear_binding_outputs(self):
+            self.real.clear_binding_outputs()
+
     class InferenceSession:
         def __init__(self, path, so, providers):
             log["providers"].append(providers)
@@ -81,27 +79,32 @@ def _fake_ort(cpu_only: bool = False, placement: dict | None = None):
                 for ep, counts in (placement or {}).items()]
 
         def io_binding(self):
+            log["bindings"] += 1
             return Binding(self._real.io_binding())
 
-        def run_with_iobinding(self, binding):
+        def run_with_iobinding(self, binding, run_options=None):
+            events.append("run")
             log["runs"] += 1
-            self._real.run_with_iobinding(binding.real)
+            log["run_options"].append(run_options)
+            if log["raise_run"]:
+                raise log["raise_run"]
+            self._real.run_with_iobinding(binding.real, run_options)
 
         def run(self, *a, **k):
             raise AssertionError("the CUDA path must not run through numpy (session.run)")
 
     mod = types.SimpleNamespace(__version__="1.99.0", SessionOptions=SessionOptions, InferenceSession=InferenceSession,
+                                RunOptions=real_ort.RunOptions,
                                 get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     return mod, log
 
 
 @pytest.fixture
-def fake_cuda(monkeypatch):
+def fake_cuda(monkeypatch, cuda_stand_in):
     def install(**kw):
-        mod, log = _fake_ort(**kw)
+        mod, log = _fake_ort(cuda_stand_in, **kw)
         monkeypatch.setitem(sys.modules, "onnxruntime", mod)
-        monkeypatch.setattr(E, "_cuda_device", lambda device, what: torch.device("cpu"))
-        monkeypatch.setattr(E, "_CudaStream", _Stream)
+        log["events"] = cuda_stand_in
         return log
 
     return install
@@ -119,7 +122,7 @@ def test_cuda_session_that_fell_back_to_cpu_is_refused(tiny_exports, fake_cuda):
     assert "\n" not in str(e.value) and "CUDA/cuDNN" in str(e.value)
     (name, opts), cpu = log["providers"][0]
     assert name == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
-    assert opts["use_tf32"] == 0 and opts["user_compute_stream"] == "777"  # TF32 off; ORT runs on our stream
+    assert opts["use_tf32"] == 0 and opts["user_compute_stream"] == str(STREAM_HANDLE)  # TF32 off; our stream
 
 
 def test_cuda_session_with_compute_nodes_on_cpu_is_refused(tiny_exports, fake_cuda):
@@ -149,7 +152,9 @@ def test_cuda_path_runs_on_io_binding_with_device_tensors(tiny_model, tiny_expor
     assert bound["belief_order"][3:5] == (np.int64, (batch, 17))
     # The results are the preallocated tensors ORT wrote into: no copy.
     assert emb.data_ptr() == bound["embeddings"][5] and order.data_ptr() == bound["belief_order"][5]
-    assert eng._stream.calls == ["begin", "end"]
+    assert log["events"] == ["begin", "run", "end"]  # ORT runs between the two stream waits
+    # No host synchronisation at the end of Run: the stream waits order the outputs instead.
+    assert log["run_options"][0].get_run_config_entry("disable_synchronize_execution_providers") == "1"
     log["bind_output"].clear()
     assert (eng.encode_images(x) - ref).abs().max() < 1e-5
     assert [o[0] for o in log["bind_output"]] == ["embeddings"]  # only the outputs asked for are bound
@@ -157,7 +162,19 @@ def test_cuda_path_runs_on_io_binding_with_device_tensors(tiny_model, tiny_expor
     txt = eng.encode_texts(tok)
     assert log["bind_input"][-1] == ("tokens", "cuda", 0, np.int64, (batch, 5 + 3 * (batch - 1)))  # trimmed
     assert (txt - TorchEncoder(tiny_model).encode_texts(tok)).abs().max() < 1e-5
-    assert log["runs"] == 3
+    assert log["runs"] == 3 and log["events"] == ["begin", "run", "end"] * 3
+    assert log["bindings"] == 2 and log["cleared"] == 3  # one binding per tower, cleared after every call
+
+
+def test_cuda_run_that_raises_still_orders_the_callers_stream(tiny_exports, fake_cuda):
+    log = fake_cuda()
+    eng = open_engine(tiny_exports["fp32"].out_dir, device="cuda")
+    log["raise_run"] = RuntimeError("CUDA failure 2: out of memory")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        eng.encode_images(_pixels(2))
+    assert log["events"] == ["begin", "run", "end"] and log["cleared"] == 1
+    log["raise_run"] = None
+    assert eng.encode_images(_pixels(2)).shape == (2, 32)  # the kept binding was cleared: the next call works
 
 
 def test_cpu_io_binding_matches_the_numpy_path(tiny_exports):
@@ -308,13 +325,131 @@ def test_export_parity_compares_orders_with_a_cpu_reference(tiny_exports):
 
 
 def test_fp32_matmuls_turns_tf32_off_and_restores_it():
-    from priorclip.export.api import _fp32_matmuls
+    from priorclip.numerics import fp32_matmuls
 
     saved = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     try:
-        with _fp32_matmuls():
+        with fp32_matmuls():
             assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+        with pytest.raises(KeyError), fp32_matmuls():
+            raise KeyError("restored on error too")
         assert torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_parity_runs_only_the_reference_with_tf32_off(tiny_model, tiny_exports, synthetic_set, tmp_path,
+                                                      monkeypatch):
+    """The engine under test runs with the global TF32 settings it is served with; only the reference is fp32."""
+    from priorclip.export import api
+    from priorclip.export import parity as P
+
+    seen = {}
+    real_ref, real_report = P.reference_embed, P.parity_report
+
+    def ref(*a, **k):
+        seen["reference"] = torch.backends.cudnn.allow_tf32
+        return real_ref(*a, **k)
+
+    def report(*a, **k):
+        seen["engine"] = torch.backends.cudnn.allow_tf32
+        return real_report(*a, **k)
+
+    monkeypatch.setattr(P, "reference_embed", ref)
+    monkeypatch.setattr(P, "parity_report", report)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    out = tmp_path / "fp32"
+    shutil.copytree(tiny_exports["fp32"].out_dir, out)
+    rep = api.run_parity(tiny_model, out, read_manifest(out), synthetic_set, "cpu", 8, False)
+    assert seen == {"reference": False, "engine": True} and rep["passed"]
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def _corrupt_copy(src, dst, what):
+    shutil.copytree(src, dst)
+    if what == "corrupt":
+        (dst / "image_encoder.onnx").write_bytes(b"\x08\x07not a protobuf\xff\xff")
+    elif what == "no-data":
+        (dst / "image_encoder.onnx.data").unlink()
+    elif what == "no-graph":
+        (dst / "text_encoder.onnx").unlink()
+    return dst
+
+
+@pytest.mark.parametrize("what, match", [
+    ("corrupt", r"image_encoder.onnx: ONNX Runtime could not load this graph \(InvalidProtobuf"),
+    ("no-data", r"image_encoder.onnx: ONNX Runtime could not load this graph \(Fail: .*image_encoder.onnx.data"),
+    ("no-graph", r"text_encoder.onnx: the text graph is missing"),
+])
+def test_damaged_onnx_export_is_one_error_line(tiny_exports, tmp_path, what, match):
+    d = _corrupt_copy(tiny_exports["fp32"].out_dir, tmp_path / what, what)
+    with pytest.raises(PriorCLIPError, match=match) as e:
+        open_engine(d)
+    assert "\n" not in str(e.value) and "re-export" in str(e.value)
+
+
+def test_missing_onnxruntime_names_the_install(tiny_exports, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(PriorCLIPError, match="ONNX Runtime is not installed .*pip install onnxruntime .*"
+                                             "onnxruntime-gpu") as e:
+        open_engine(tiny_exports["fp32"].out_dir)
+    assert "\n" not in str(e.value)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny_exports):
+    eng = open_engine(tiny_exports["fp32"].out_dir)
+    assert eng.vocab_size == 49408
+    tok = tokens_for([5, 7])
+    for bad in (49408, -1):
+        t = tok.clone()
+        t[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"token ids in \[0, 49408\), got ids from {min(bad, 0)} to "):
+            eng.encode_texts(t)
+    assert eng.encode_texts(tok.int()).shape == (2, 32)  # int32 ids in range are fine
+
+
+def test_check_io_checks_input_dtypes():
+    out = {"embeddings": torch.float32}
+    assert not E.check_io("g", "text", {"tokens": torch.int32}, out)
+    assert E.check_io("g", "image", {"pixels": torch.float16}, out | {"belief_order": torch.int64})
+    with pytest.raises(PriorCLIPError, match="g: input 'pixels' is torch.int64, expected torch.float32 or "):
+        E.check_io("g", "image", {"pixels": torch.int64}, out)
+    with pytest.raises(PriorCLIPError, match="input 'tokens' is tensor.uint8., expected torch.int64 or torch.int32"):
+        E.check_io("g", "text", {"tokens": "tensor(uint8)"}, out)  # an ORT type torch has no name for
+    with pytest.raises(PriorCLIPError, match="input 'tokens' is torch.float32"):
+        E.check_io("g", "text", {"tokens": torch.float32}, out)
+
+
+def _manifest_copy(src, dst, **changes):
+    shutil.copytree(src, dst)
+    m = read_manifest(dst)
+    m.update(changes)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_open_engine_refuses_options_the_format_does_not_take(tiny_exports, tmp_path):
+    with pytest.raises(PriorCLIPError, match=r"option batch_size does not apply to this onnx export .*"
+                                             r"\(threads, io_binding\)"):
+        open_engine(tiny_exports["fp32"].out_dir, batch_size=4)
+    d = _manifest_copy(tiny_exports["fp32"].out_dir, tmp_path / "aoti", format="aoti", aoti={"device": "cpu"})
+    with pytest.raises(PriorCLIPError, match="option io_binding, threads does not apply to this aoti export"):
+        open_engine(d, threads=2, io_binding=True)
+
+
+@pytest.mark.parametrize("content", [None, b"not a zip archive"])
+def test_missing_or_bad_aoti_package_is_one_error_line(tiny_exports, tmp_path, content):
+    files = {"image": "image_encoder.pt2", "text": "text_encoder.pt2"}
+    d = _manifest_copy(tiny_exports["fp32"].out_dir, tmp_path / "aoti", format="aoti", aoti={"device": "cpu"},
+                       files=files)
+    if content is not None:
+        (d / "image_encoder.pt2").write_bytes(content)
+    match = "image_encoder.pt2: the image AOTInductor package is missing" if content is None else \
+        "image_encoder.pt2: torch .* could not load this AOTInductor package \\(RuntimeError"
+    with pytest.raises(PriorCLIPError, match=match) as e:
+        open_engine(d)
+    assert "\n" not in str(e.value)

@@ -60,7 +60,7 @@ def test_ort_cpu_layout_is_what_onnxruntime_fuses(tiny_exports):
     assert {n.domain for n in g.graph.node} <= {"", "ai.onnx"}  # standard ONNX: ORT makes the QLinear* ops itself
     fp32 = _graph(tiny_exports["fp32"])
     convs = [n for n in fp32.graph.node if n.op_type == "Conv"]
-    kept = [n for n in convs if q._matches(node_scope(n), q.DEFAULT_KEEP_FP)]
+    kept = [n for n in convs if q._matching(node_scope(n), q.DEFAULT_KEEP_FP)]
     assert kept and len(convs) > len(kept)
     k = q.ort_kernel_counts(res.out_dir / "image_encoder.onnx")
     assert k["integer"].get("QLinearConv") == len(convs) - len(kept)
@@ -105,6 +105,8 @@ def test_ort_cpu_qdq_groups_and_int32_bias(tiny_exports):
             assert inits[out_q[0].input[2]] == 0  # ReLU output: zero point 0
         elif nxt[0].op_type == "QuantizeLinear":
             assert len(nxt) == 1
+        else:
+            pytest.fail(f"{c.name}: output goes to {[n.op_type for n in nxt]}, not to one Q (or Relu -> Q)")
 
 
 def test_ort_cpu_int32_bias_reproduces_the_float_bias():
@@ -173,8 +175,8 @@ def test_tensorrt_layout_runs_in_onnxruntime_close_to_reference(tiny_model, trt_
     tok = tokens_for([5 + 3 * i for i in range(batch)], seed=batch)
     eng = open_engine(trt_export.out_dir)
     cos = torch.nn.functional.cosine_similarity
-    assert cos(eng.encode_images(x).double(), ref.encode_images(x).double()).min() > 0.95
-    assert cos(eng.encode_texts(tok).double(), ref.encode_texts(tok).double()).min() > 0.95
+    assert cos(eng.encode_images(x).double(), ref.encode_images(x).double()).min() > 0.99
+    assert cos(eng.encode_texts(tok).double(), ref.encode_texts(tok).double()).min() > 0.99
 
 
 def test_int8_target_option_checks(tiny_model, synthetic_set, tmp_path):
@@ -223,7 +225,7 @@ def test_streaming_calibration_matches_a_single_pass(tiny_exports):
 
     path = tiny_exports["fp32"].out_dir / "image_encoder.onnx"
     model = load_model(path)
-    targets, _ = q.find_targets(model, ())
+    targets, _, _ = q.find_targets(model, ())
     tensors = sorted({t.activation for t in targets})
     data = np.random.default_rng(1).standard_normal((6, 3, 64, 64)).astype(np.float32)
 
@@ -245,6 +247,77 @@ def test_streaming_calibration_matches_a_single_pass(tiny_exports):
         assert s.hist.sum() == a.size
         assert np.abs(s.hist - h).sum() <= 2e-4 * a.size + 2  # bin-edge rounding only
     assert len(model.graph.output) == len(onnx.load(str(path), load_external_data=False).graph.output)
+
+
+def test_calibration_decodes_and_infers_shapes_once_when_inputs_fit(monkeypatch):
+    """Inputs within the budget are decoded once for all passes (the first batch included, not read twice) and shape
+    inference runs once; past the budget every pass decodes again, with the same statistics."""
+    data = np.random.default_rng(7).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    calls = {"batches": 0, "decoded": 0, "tensor_info": 0}
+
+    def batches():
+        calls["batches"] += 1
+        for s in range(0, 8, 3):
+            calls["decoded"] += 1
+            yield data[s : s + 3]
+
+    real_info = q.tensor_info
+
+    def counting_info(*a, **k):
+        calls["tensor_info"] += 1
+        return real_info(*a, **k)
+
+    monkeypatch.setattr(q, "tensor_info", counting_info)
+    _, table = q.quantize_int8(_graph_with_int64_output(), batches, "entropy", (), target="ort-cpu")
+    assert calls == {"batches": 1, "decoded": 3, "tensor_info": 1}
+    m = _graph_with_int64_output()
+    plan = q.plan_quantization(m, (), "ort-cpu")
+    msgs: list[str] = []
+    calls.update(batches=0, tensor_info=0)
+    small = q.collect_stats(m, plan.tensors, batches, "entropy", msgs.append, memory_budget=data.nbytes // 2,
+                            sub_batch=1, info=plan.info)
+    n_groups = int(msgs[-1].split("/")[1].split()[0])  # "calibration group i/N (...)"
+    assert calls["batches"] == 2 * n_groups  # not kept: decoded again for each min/max and histogram pass
+    assert calls["tensor_info"] == 0  # the plan's shapes reused (this graph's input has no free axis)
+    for t, row in table["activations"].items():
+        assert (small[t].amin, small[t].amax) == pytest.approx((row["min"], row["max"]), abs=1e-6)
+
+
+@pytest.mark.parametrize("target", q.TARGETS)
+def test_text_graph_shape_inference_runs_once(tiny_exports, monkeypatch, target):
+    """The text input's free length axis: the planner needs no shapes there, calibration infers them once."""
+    from priorclip.export.graph import load_model
+
+    m = load_model(tiny_exports["fp32"].out_dir / "text_encoder.onnx")
+    assert q.plan_quantization(m, (), target).info is None
+    n = {"tensor_info": 0}
+    real_info = q.tensor_info
+
+    def counting_info(*a, **k):
+        n["tensor_info"] += 1
+        return real_info(*a, **k)
+
+    monkeypatch.setattr(q, "tensor_info", counting_info)
+    tok = tokens_for([5, 9, 12], seed=3)[:, :12].numpy()
+    q.quantize_int8(m, lambda: iter([tok]), "minmax", (), target=target, fp16=False)
+    assert n["tensor_info"] == 1
+
+
+@pytest.mark.parametrize("target", q.TARGETS)
+def test_keep_fp_matched_lists_the_patterns_that_kept_something(target):
+    """A --keep-fp pattern that matches nothing (a typo) is absent from ``keep_fp_matched``; one that only names a
+    pool counts where the layout would quantise that pool (ort-cpu) and not where it never would (tensorrt)."""
+    m = _graph_with_int64_output()
+    pool = next(n for n in m.graph.node if n.op_type == "AveragePool")
+    pool.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['model', 'model.pool']")
+    data = np.random.default_rng(8).standard_normal((4, 3, 4, 4)).astype(np.float32)
+    _, table = q.quantize_int8(m, lambda: iter([data]), "minmax", ("w2", "pool", "visual.typo*"), target=target)
+    assert table["keep_fp"] == ["w2", "pool", "visual.typo*"]
+    if target == "ort-cpu":
+        assert table["keep_fp_matched"] == ["pool", "w2"] and table["integer_ops"] == ["Add"]
+    else:
+        assert table["keep_fp_matched"] == ["w2"]
+    assert table["quantized_layers"] == 2  # the two convs; the MatMul over w2 kept
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -347,14 +420,36 @@ def test_int64_outputs_are_left_alone(target):
 
 def test_study_measures_the_gate_inputs(tiny_exports):
     """The study's probe of y and x: zero error against itself, x exact where the stem is kept, y close."""
-    from priorclip.export.int8_study import gate_input_errors, gate_input_tensors
+    from priorclip.export.int8_study import gate_input_errors, gate_input_tensors, gate_inputs
 
     fp32 = tiny_exports["fp32"].out_dir / "image_encoder.onnx"
     names = gate_input_tensors(fp32)
     assert set(names) == {"y (prior token)", "x (ViT stem)"}
     px = np.random.default_rng(6).standard_normal((5, 3, 64, 64)).astype(np.float32)
-    same = gate_input_errors(fp32, fp32, px, names)
+    ref = gate_inputs(fp32, px, names)  # once, for every layout compared
+    same = gate_input_errors(ref, fp32, px, names)
     assert all(v["max"] == 0.0 for v in same.values())
-    err = gate_input_errors(fp32, tiny_exports["int8"].out_dir / "image_encoder.onnx", px, names)
+    err = gate_input_errors(ref, tiny_exports["int8"].out_dir / "image_encoder.onnx", px, names)
     assert err["x (ViT stem)"]["max"] == 0.0  # visual.conv1 and ln_pre stay float by default
     assert 0.0 < err["y (prior token)"]["median"] < 1e-2
+
+
+def test_study_gate_sensitivity_runs_the_model_forward(tiny_model):
+    """Through model.visual with the prior token: no noise, nothing flips; noise the size of y flips beliefs."""
+    from priorclip.export.int8_study import gate_sensitivity
+
+    px = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    res = gate_sensitivity(tiny_model, px, levels=(0.0, 1.0))
+    assert res["0"] == {"flipped": 0, "n": 5, "cosine_min": pytest.approx(1.0, abs=1e-6), "below_0.99": 0}
+    assert res["1"]["flipped"] > 0  # noise as large as y itself reorders the beliefs
+
+
+@pytest.mark.parametrize("args, hint", [(["--calib-method", "bogus"], "--calib-method"),
+                                        (["--variants", "0,9"], "--variants"), (["--variants", "1,x"], "--variants"),
+                                        (["--variants", "2,2"], "--variants")])
+def test_study_cli_rejects_bad_input_before_any_work(args, hint, tmp_path):
+    from priorclip.export.int8_study import main
+
+    r = CliRunner().invoke(main, ["--model", "priorclip-tiny", "--data", "synthetic", "--out", str(tmp_path), *args])
+    assert r.exit_code == 2 and hint in r.output, r.output  # a usage error, raised while parsing
+    assert not any(tmp_path.iterdir())

@@ -21,7 +21,7 @@ from priorclip.export import engines as E
 from priorclip.export import tensorrt as T
 from priorclip.export.onnx_export import io_spec
 
-from .conftest import tokens_for
+from .conftest import STREAM_HANDLE, tokens_for
 
 
 class _Flag(enum.IntEnum):
@@ -80,6 +80,7 @@ def _fake_trt(log):
         __version__="10.9.0",
         NetworkDefinitionCreationFlag=_Flag,
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WS"),
+        BuilderFlag=types.SimpleNamespace(TF32="TF32"),
         Logger=Logger,
         Builder=lambda logger: _Recorder(log, "builder"),
         OnnxParser=Parser,
@@ -115,9 +116,35 @@ def test_build_engine_sets_profile_and_timing_cache_but_no_precision_flags(tmp_p
     assert ("profile.set_shape", ("pixels", (1, 3, 64, 64), (16, 3, 64, 64), (16, 3, 64, 64)), {}) in log
     assert "config.add_optimization_profile" in names
     assert not any(n in ("config.set_flag", "config.set_int8_calibrator") or "int8_calibrator" in n for n in names)
+    assert ("config.clear_flag", ("TF32",), {}) in log  # TensorRT's default TF32 is cleared: fp32 is fp32
     assert (tmp_path / "image_encoder.plan").read_bytes() == b"PLAN"
     assert (tmp_path / "timing.cache").read_bytes() == b"TC"
     assert info["plan"] == "image_encoder.plan"
+
+
+def test_tf32_is_kept_only_when_asked(tmp_path):
+    log = _Log()
+    onnx_path = tmp_path / "image_encoder.onnx"
+    onnx_path.write_bytes(b"")
+    T.build_engine(onnx_path, tmp_path / "p.plan", T.profile_shapes("image", 64, 77, 4), tmp_path / "timing.cache",
+                   trt=_fake_trt(log), tf32=True)
+    assert not any(c[0] in ("config.clear_flag", "config.set_flag") for c in log)
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("fp16", True)])
+def test_export_builds_fp32_plans_without_tf32(tiny_model, tmp_path, monkeypatch, precision, tf32):
+    from priorclip.export import export_model
+
+    seen = []
+
+    def build(onnx_path, plan_path, shapes, cache_path, trt=None, tf32=False):
+        seen.append(tf32)
+        return {"plan": plan_path.name}
+
+    monkeypatch.setattr(T, "import_tensorrt", lambda: _fake_trt(_Log()))
+    monkeypatch.setattr(T, "build_engine", build)
+    export_model(tiny_model, tmp_path, "trt", precision, progress=False, max_batch=4)
+    assert seen == [tf32, tf32]
 
 
 def test_old_tensorrt_is_refused(monkeypatch):
@@ -167,11 +194,12 @@ def _view(ptr, shape, dtype):
 
 
 class _Plan:
-    """A deserialised stand-in plan: ``io`` is [(name, mode, dtype, shape)] in the plan's own order."""
+    """A deserialised stand-in plan: ``io`` is [(name, mode, dtype, shape)] in the plan's own order; its context's
+    ``execute_async_v3`` appends "run" to ``events`` (where the stand-in stream records begin/end)."""
 
-    def __init__(self, spec, model, knobs):
+    def __init__(self, spec, model, knobs, events):
         self.io = [(n, _Mode[m], _DT[d], tuple(s)) for n, m, d, s in spec["io"]]
-        self.tower, self.model, self.knobs = spec["tower"], model, knobs
+        self.tower, self.model, self.knobs, self.events = spec["tower"], model, knobs, events
         self.num_io_tensors = len(self.io)
 
     def _get(self, name):
@@ -212,6 +240,9 @@ class _Context:
 
     def execute_async_v3(self, handle):
         self.handles.append(handle)
+        self.plan.events.append("run")
+        if self.plan.knobs.get("raise_execute"):
+            raise RuntimeError("pybind11: execute_async_v3 failed")
         if self.plan.knobs.get("fail_execute"):
             return False
         (name, _, dt, _), = [t for t in self.plan.io if t[1] == _Mode.INPUT]
@@ -229,27 +260,13 @@ class _Context:
         return True
 
 
-class _Stream:
-    instances = []
-
-    def __init__(self, device):
-        self.handle, self.calls = 4242, []
-        _Stream.instances.append(self)
-
-    def begin(self):
-        self.calls.append("begin")
-
-    def end(self):
-        self.calls.append("end")
-
-
-def _runtime_trt(model, knobs):
+def _runtime_trt(model, knobs, events):
     class Runtime:
         def __init__(self, logger):
             pass
 
         def deserialize_cuda_engine(self, data):
-            return _Plan(json.loads(data), model, knobs)
+            return _Plan(json.loads(data), model, knobs, events)
 
     class Logger:
         WARNING = 2
@@ -268,11 +285,11 @@ _TEXT_IO = [["tokens", "INPUT", "INT64", [-1, -1]], ["embeddings", "OUTPUT", "FL
 
 
 @pytest.fixture
-def trt_export(tiny_model, tmp_path, monkeypatch):
+def trt_export(tiny_model, tmp_path, monkeypatch, cuda_stand_in):
     """Writes a trt export of the tiny model whose plans are I/O descriptions; returns open(image_io, text_io)."""
     knobs: dict = {}
 
-    def make(image_io=_IMAGE_IO, text_io=_TEXT_IO):
+    def make(image_io=_IMAGE_IO, text_io=_TEXT_IO, drop=None, **options):
         manifest = {"format": "trt", "precision": "fp32", "model": {"config": tiny_model.cfg.to_dict()},
                     "io": io_spec(tiny_model, 256),
                     "files": {"image": "image_encoder.onnx", "text": "text_encoder.onnx"},
@@ -281,12 +298,12 @@ def trt_export(tiny_model, tmp_path, monkeypatch):
         (tmp_path / "manifest.json").write_text(json.dumps(manifest))
         (tmp_path / "image.plan").write_text(json.dumps({"tower": "image", "io": image_io}))
         (tmp_path / "text.plan").write_text(json.dumps({"tower": "text", "io": text_io}))
-        return E.open_engine(tmp_path, device="cuda")
+        if drop:
+            (tmp_path / drop).unlink()
+        return E.open_engine(tmp_path, device="cuda", **options)
 
-    monkeypatch.setitem(sys.modules, "tensorrt", _runtime_trt(tiny_model, knobs))
-    monkeypatch.setattr(E, "_cuda_device", lambda device, what: torch.device("cpu"))
-    monkeypatch.setattr(E, "_CudaStream", _Stream)
-    make.knobs = knobs
+    monkeypatch.setitem(sys.modules, "tensorrt", _runtime_trt(tiny_model, knobs, cuda_stand_in))
+    make.knobs, make.events = knobs, cuda_stand_in
     return make
 
 
@@ -304,8 +321,7 @@ def test_trt_engine_binds_io_by_the_plans_names_and_returns_its_buffers(trt_expo
     assert ctx.shapes == {"pixels": (batch, 3, 64, 64)}
     # The returned tensors are the buffers TensorRT wrote into: nothing is copied (to the host or anywhere).
     assert emb.data_ptr() == ctx.addresses["embeddings"] and order.data_ptr() == ctx.addresses["belief_order"]
-    stream = _Stream.instances[-1]
-    assert ctx.handles == [4242] and stream.calls == ["begin", "end"]
+    assert ctx.handles == [STREAM_HANDLE] and trt_export.events == ["begin", "run", "end"]  # enqueued between
     assert eng.encode_images(x).data_ptr() == ctx.addresses["embeddings"]
     tok = tokens_for([4, 9, 6, 12, 3][:batch], seed=batch)
     txt = eng.encode_texts(tok)
@@ -331,6 +347,8 @@ def test_trt_engine_reads_dtypes_from_the_plan(trt_export, tiny_model):
     (_IMAGE_IO + [["logits", "OUTPUT", "FLOAT", [-1, 32]]], "unexpected: logits"),
     ([["input", "INPUT", "FLOAT", [-1, 3, 64, 64]], _IMAGE_IO[2]], r"inputs \['input'\], expected \['pixels'\]"),
     ([_IMAGE_IO[0], ["belief_order", "OUTPUT", "FLOAT", [-1, 17]], _IMAGE_IO[2]], "'belief_order' is torch.float32"),
+    ([["pixels", "INPUT", "INT32", [-1, 3, 64, 64]], _IMAGE_IO[2]], "input 'pixels' is torch.int32, expected"),
+    ([["pixels", "INPUT", "INT8", [-1, 3, 64, 64]], _IMAGE_IO[2]], "'pixels' has TensorRT type .*INT8.*cannot bind"),
 ])
 def test_trt_plan_with_unexpected_io_is_refused(trt_export, image_io, match):
     with pytest.raises(PriorCLIPError, match=match) as e:
@@ -350,6 +368,32 @@ def test_trt_runtime_failures_are_one_error_line(trt_export, knob, value, match)
     with pytest.raises(PriorCLIPError, match=match) as e:
         eng.encode_images(torch.randn(3, 3, 64, 64))  # every output is bound, the order too, even when not asked
     assert "\n" not in str(e.value)
+    if knob == "fail_execute":
+        assert trt_export.events == ["begin", "run", "end"]
+
+
+def test_trt_execute_that_raises_still_orders_the_callers_stream(trt_export):
+    eng = trt_export()
+    trt_export.knobs["raise_execute"] = True
+    with pytest.raises(RuntimeError, match="execute_async_v3 failed"):
+        eng.encode_images(torch.randn(2, 3, 64, 64))
+    assert trt_export.events == ["begin", "run", "end"]
+
+
+def test_missing_plan_is_one_error_line(trt_export):
+    with pytest.raises(PriorCLIPError, match="text.plan: the TensorRT text plan is missing") as e:
+        trt_export(drop="text.plan")
+    assert "\n" not in str(e.value)
+
+
+def test_trt_export_refuses_onnx_runtime_options(trt_export):
+    with pytest.raises(PriorCLIPError, match="option io_binding does not apply to this trt export"):
+        trt_export(io_binding=True)
+
+
+def test_torch_dtypes_cover_only_what_check_io_accepts():
+    assert set(T.torch_dtypes(types.SimpleNamespace(DataType=_DT)).values()) == {
+        torch.float32, torch.float16, torch.int32, torch.int64}  # (the stand-in has no BF16)
 
 
 def test_trt_engine_rejects_bad_inputs(trt_export):

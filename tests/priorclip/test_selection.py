@@ -71,6 +71,30 @@ def test_subset_keeps_each_images_own_captions_and_records_coverage():
     assert describe_selection(["a", "a", "b"])["coverage"] == "3 images over 2 classes (1-2 per class)"
 
 
+def test_calibration_draw_spreads_images_and_captions_over_classes():
+    ds = _retrieval_set()  # 6 classes x 5 images, 5 or 3 captions each, class-sorted
+    images, captions, d = ds.spread_draw(12, 18, seed=2)
+    assert Counter(p.name.split("_")[0] for p in images) == {f"cls{k}": 2 for k in range(6)}
+    owner = {c: ds.images[o].name.split("_")[0] for c, o in zip(ds.captions, ds.caption_image)}
+    assert Counter(owner[c] for c in captions) == {f"cls{k}": 3 for k in range(6)}  # captions by their image's class
+    assert images != ds.images[:12] and captions != ds.captions[:18]
+    assert d["n_images"] == 12 and d["n_captions"] == 18 and d["coverage"].startswith("12 images over 6 of 6 classes")
+    all_images, all_captions, _ = ds.spread_draw(0, 0)
+    assert all_images == ds.images and all_captions == ds.captions
+
+
+def test_export_calibration_from_a_karpathy_json_is_class_spread(tmp_path):
+    from priorclip.export.cli import load_calibration
+    from priorclip.synthetic import SCENES, make_sample
+
+    j, _ = make_sample(tmp_path, n_images=4 * len(SCENES), size=32, split="train")
+    calib = load_calibration(j, None, "train", len(SCENES), 2 * len(SCENES))
+    assert Counter(p.name.split("_")[0] for p in calib.images) == {s: 1 for s in SCENES}
+    assert len(calib.captions) == 2 * len(SCENES) and f"over {len(SCENES)} of {len(SCENES)} classes" in calib.source
+    with pytest.raises(DataError, match="no images in split 'test'"):
+        load_calibration(j, None, "test", 4, 4)
+
+
 @pytest.mark.data
 def test_real_test_split_subsets_cover_all_classes(aid_rsicd):
     test = load_karpathy(aid_rsicd / "dataset_rsicd_aid.json", aid_rsicd / "images", "test")
