@@ -57,7 +57,7 @@ def _slug(text: str) -> str:
 @click.option(
     "--precisions",
     callback=_str_list,
-    help="Comma-separated precisions (fp32, fp16, bf16, int8), crossed "
+    help="Comma-separated precisions (fp32, fp16, bf16, int8, fp8), crossed "
     "with --backends where supported; default fp32 on CPU, fp32,fp16,bf16 on GPU.",
 )
 @click.option(
@@ -121,8 +121,8 @@ def _slug(text: str) -> str:
     type=click.IntRange(min=1),
     default=64,
     show_default=True,
-    help="INT8 calibration images, class-spread from the dataset's train split (val with --split train; generated "
-    "when there is none).",
+    help="INT8 and FP8 calibration images, class-spread from the dataset's train split (val with --split train; "
+    "generated when there is none).",
 )
 @click.option(
     "--calib-captions", type=click.IntRange(min=1), default=256, show_default=True, help="INT8 calibration captions."

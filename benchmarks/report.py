@@ -756,7 +756,7 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
         lines.append("- recall / parity set: " + _dataset_line(doc["recall"]["dataset"]))
     if doc.get("calibration"):
         c = doc["calibration"]
-        lines.append(f"- INT8 calibration set: {c['name']} (split {c.get('split')}): {c['coverage']}, "
+        lines.append(f"- Calibration set (int8, fp8): {c['name']} (split {c.get('split')}): {c['coverage']}, "
                      f"{c.get('n_captions', '?')} captions" + (" — GENERATED" if c["generated"] else ""))
     if cfg.get("note"):
         lines.append(f"- note: {cfg['note']}")

@@ -53,6 +53,7 @@ CPU_RECALL_IMAGES = JUDGED_SET_IMAGES
 DEFAULT_RECALL_IMAGES = {"cpu": CPU_RECALL_IMAGES, "cuda": 0}  # 0: the whole split
 GENERATED_RECALL_IMAGES = {"cpu": CPU_RECALL_IMAGES, "cuda": 1024}
 RECALL_SEED, CALIB_SEED = 0, 1
+CALIBRATED = ("int8", "fp8")  # precisions whose engines are calibrated on --calib-images
 
 
 @dataclass
@@ -129,8 +130,9 @@ def plan_engines(opts: BenchOptions, device: torch.device) -> tuple[list[tuple[s
                             b,
                             "-",
                             "skipped",
-                            f"not in the {device.type} default set (it compiles "
-                            "for minutes here); ask for it with --backends",
+                            f"not in the {device.type} default set ("
+                            + ("its kernels run as plain-torch references off CUDA" if b == "fused"
+                               else "it compiles for minutes here") + "); ask for it with --backends",
                         )
                     )
         precisions = opts.precisions or list(DEFAULT_PRECISIONS[device.type])
@@ -282,7 +284,7 @@ def run_bench(
     workers = opts.workers or harness.default_workers()
     pairs, engine_rows = plan_engines(opts, device)
     # the real dataset serves the recall set and the INT8 calibration (its train split), whichever is needed
-    source = recall_source(opts) if opts.recall or any(p == "int8" for _, p in pairs) else None
+    source = recall_source(opts) if opts.recall or any(p in CALIBRATED for _, p in pairs) else None
 
     model = build_model(opts.model_name, opts.checkpoint, opts.gate)
     cfg = model.cfg
@@ -366,15 +368,18 @@ def run_bench(
                         "dynamic": opts.compile_dynamic,
                         "batch_buckets": None if opts.compile_dynamic else tuple(batch_sizes) + (recall_batch,),
                     }
+                elif backend == "fused":  # CUDA graphs captured at exactly the sizes timed (and the recall batch)
+                    options = {"batch_buckets": tuple(sorted({*batch_sizes, recall_batch}))}
                 elif backend in ("onnxruntime", "aoti", "tensorrt"):
                     options = {"max_batch": max(256, max(batch_sizes))}
-                    if precision == "int8":
-                        if not calib:
-                            calib.append(_calibration_set(opts, source, tmp))
-                            log(f"INT8 calibration set: {calib[0][1]['name']}: {calib[0][1]['coverage']}")
-                        options["calib"] = calib[0][0]
-                    if data is not None:  # the export is checked on the recall set and refused outside tolerance
-                        options.update(parity_set=data.dataset, reference_embeddings=ref)
+                if precision in CALIBRATED:  # int8 exports, the fused engine's fp8 GEMMs: one calibration set
+                    if not calib:
+                        calib.append(_calibration_set(opts, source, tmp))
+                        log(f"calibration set: {calib[0][1]['name']}: {calib[0][1]['coverage']}")
+                    options["calib"] = calib[0][0]
+                if backend in ("onnxruntime", "aoti", "tensorrt") and data is not None:
+                    # the export is checked on the recall set and refused outside tolerance
+                    options.update(parity_set=data.dataset, reference_embeddings=ref)
                 engine = engine_factory(backend, model, precision, device, workdir=workdir, **options)
             except Exception as e:  # noqa: BLE001 - one broken backend must not end the run
                 reason = _reason(e)

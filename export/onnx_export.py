@@ -12,7 +12,7 @@ Decisions, each checked by a test in ``tests/export``:
   to its longest caption (the reference model's ``trim_text``), about 4x less text compute on RS captions.
 * **EOT position** is computed in the graph: ``ArgMax`` over the token ids (the EOT id 49407 is the largest id)
   then ``GatherND``, the reference's own pooling, so no second input can disagree with the tokens.
-* **Belief sort.** The reference gate (``priorclip.layers.gate``) builds the rank order from pairwise comparisons,
+* **Belief sort.** The reference gate (``priorclip.kernels.belief_gate``) builds the rank order from pairwise comparisons,
   not ``torch.sort``, so the graph has no TopK and ties go lower-index-first in every backend.
 * **Belief order output.** Where the gate ranks (a prior and the ``belief+rank`` formula) the image graph has a
   second output ``belief_order [batch, T] int64`` (token index at each rank slot, T = ViT tokens: 50 for B/32),

@@ -53,9 +53,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .amax import HIST_BINS, METHODS, PERCENTILE, TensorStats, abs_hist, choose_amax
 from .graph import node_scope
 
-METHODS = ("minmax", "percentile", "entropy")
 TARGETS = ("ort-cpu", "tensorrt")
 # Which layout an export gets when its caller names none: the runtime that will run it.
 TARGET_FOR_FORMAT = {"onnx": "ort-cpu", "trt": "tensorrt"}
@@ -78,8 +78,6 @@ def target_for_provider(provider: str) -> str:
     return "ort-cpu" if provider == "CPUExecutionProvider" else "tensorrt"
 
 
-PERCENTILE = 99.99
-HIST_BINS = 2048
 # Bytes of calibration activations one ONNX Runtime run may return (the group of tensors x the sub-batch). NOTE
 # (export-int8-layouts-cpu-2026-11-27.md, default model's image graph, 64 calibration images, peak RSS of the
 # process, 0.73 GiB once the graph is loaded): every tensor of a 32-image batch in one run, as before issue 12,
@@ -124,14 +122,6 @@ class Target:
     activation: str
     weight: str
     axis: int
-
-
-@dataclass
-class TensorStats:
-    amin: float = float("inf")
-    amax: float = float("-inf")
-    absmax: float = 0.0
-    hist: np.ndarray | None = None
 
 
 @dataclass
@@ -386,14 +376,6 @@ def calibration_groups(sizes: dict[str, int], budget: int, sub_batch: int = CALI
     return groups
 
 
-def _abs_hist(a: np.ndarray, top: float) -> np.ndarray:
-    """Histogram of |a| over [0, top] in HIST_BINS bins (values at ``top`` in the last bin, as np.histogram)."""
-    idx = np.abs(a, dtype=np.float32).ravel()
-    idx *= np.float32(HIST_BINS / top)
-    idx = np.minimum(idx, HIST_BINS - 1, out=idx).astype(np.int32)
-    return np.bincount(idx, minlength=HIST_BINS)[:HIST_BINS]
-
-
 def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Callable[[], Iterator[np.ndarray]],
                   method: str, progress: Callable[[str], None] | None = None,
                   memory_budget: int = CALIB_MEMORY_BUDGET, sub_batch: int = CALIB_SUB_BATCH,
@@ -488,60 +470,11 @@ def collect_stats(model: onnx.ModelProto, tensors: list[str], batches: Callable[
             for outs in runs(names, sb):
                 for t, a in zip(names, outs):
                     s = stats[t]
-                    s.hist += _abs_hist(a, s.absmax if s.absmax > 0 else 1.0)
+                    s.hist += abs_hist(a, s.absmax if s.absmax > 0 else 1.0)
                 del outs
         if progress:
             progress(f"calibration group {gi + 1}/{len(groups)} ({len(names)} tensors, sub-batch {sb}) done")
     return stats
-
-
-def percentile_amax(hist: np.ndarray, top: float, pct: float = PERCENTILE) -> float:
-    cdf = np.cumsum(hist) / max(hist.sum(), 1.0)
-    idx = int(np.searchsorted(cdf, pct / 100.0))
-    return float(min(idx + 1, len(hist)) * top / len(hist))
-
-
-def entropy_amax(hist: np.ndarray, top: float, num_quant_bins: int = 128, start: int = 128, stride: int = 1) -> float:
-    """TensorRT-style KL threshold: the clip bin i minimising KL(P_i || Q_i), Q_i = P_i squeezed to 128 bins."""
-    bins = np.asarray(hist, dtype=np.float64).copy()
-    if len(bins) < 2 or bins.sum() == 0:
-        return float(top)
-    bins[0] = bins[1]  # the zero bin (ReLU outputs, padding) would dominate the distribution
-    edges = np.linspace(0.0, top, len(bins) + 1)
-    best_i, best_kl = len(bins), np.inf
-    suffix = np.concatenate([np.cumsum(bins[::-1])[::-1], [0.0]])  # suffix[i] = sum(bins[i:])
-    for i in range(start, len(bins) + 1, stride):
-        ref = bins[:i].copy()
-        ref[-1] += suffix[i]  # outliers clipped into the last bin
-        group = (np.arange(i) * num_quant_bins) // i  # which of the 128 quantised bins each fine bin falls in
-        nz = bins[:i] != 0
-        sums = np.bincount(group, weights=bins[:i], minlength=num_quant_bins)
-        cnts = np.bincount(group, weights=nz.astype(np.float64), minlength=num_quant_bins)
-        q = np.where(nz, sums[group] / np.maximum(cnts[group], 1), 0.0)
-        p_sum, q_sum = ref.sum(), q.sum()
-        if q_sum == 0 or p_sum == 0:
-            continue
-        p, qn = ref / p_sum, q / q_sum
-        mask = p > 0
-        if np.any(qn[mask] == 0):
-            kl = np.inf
-        else:
-            kl = float(np.sum(p[mask] * np.log(p[mask] / qn[mask])))
-        if kl <= best_kl:  # "<=": the last minimum wins, as TensorRT's calibrator picks it
-            best_kl, best_i = kl, i
-    return float(edges[best_i])
-
-
-def choose_amax(s: TensorStats, method: str) -> float:
-    if method == "minmax" or s.hist is None:
-        amax = s.absmax
-    elif method == "percentile":
-        amax = percentile_amax(s.hist, s.absmax)
-    elif method == "entropy":
-        amax = entropy_amax(s.hist, s.absmax)
-    else:
-        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
-    return max(float(amax), 1e-8)
 
 
 def _fp16_exact(scale: np.ndarray | float) -> np.ndarray:

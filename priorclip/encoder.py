@@ -34,7 +34,8 @@ def encode_images_with_order(encoder: Encoder, pixels: torch.Tensor) -> tuple[to
 
 
 class TorchEncoder:
-    """Eager PyTorch encoder. ``dtype`` float32 is the reference path; float16/bfloat16 run under autocast."""
+    """Eager PyTorch encoder. ``dtype`` float32 is the reference path (plain-torch ops on every device, fused kernels
+    pinned off); float16/bfloat16 run under autocast, with the fused kernels where they apply (CUDA)."""
 
     def __init__(self, model: PriorCLIP, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
@@ -42,6 +43,7 @@ class TorchEncoder:
         self.model = model.to(self.device).eval()
         self.image_size = model.cfg.vision.image_size
         self.context_length = model.cfg.text.context_length
+        self.kernels = "reference" if dtype == torch.float32 else "auto"
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -51,14 +53,15 @@ class TorchEncoder:
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            out = self.model.encode_image(pixels.to(self.device, torch.float32))
+            out = self.model.encode_image(pixels.to(self.device, torch.float32), kernels=self.kernels)
         return out.float()
 
     @torch.inference_mode()
     def encode_images_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embeddings and the gate's belief order [B, T] (``None`` where the model has no ranking gate)."""
         with self._autocast():
-            out, order = self.model.encode_image_with_order(pixels.to(self.device, torch.float32))
+            out, order = self.model.encode_image_with_order(pixels.to(self.device, torch.float32),
+                                                            kernels=self.kernels)
         return out.float(), order
 
     @torch.inference_mode()

@@ -68,26 +68,32 @@ class PriorCLIP(nn.Module):
         """The instruction token y = vision_proj_res(res_visual(image)), [B, 1, D_vision]."""
         return self.vision_proj_res(self.res_visual(pixels)).unsqueeze(1)
 
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """[B, 3, S, S] normalised pixels -> [B, embed_dim] image embeddings (L2-normalised by default)."""
-        feats, _ = self._image_features(pixels)
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True, kernels: str = "auto") -> torch.Tensor:
+        """[B, 3, S, S] normalised pixels -> [B, embed_dim] image embeddings (L2-normalised by default).
+
+        ``kernels``: ``"auto"`` runs the fused kernels where they apply (CUDA inference), ``"reference"`` plain torch.
+        """
+        feats, _ = self._image_features(pixels, kernels)
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def encode_image_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_image_with_order(self, pixels: torch.Tensor,
+                                kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
         """L2-normalised image embeddings [B, embed_dim] and the gate's belief order [B, T] int64 (token index at
         each rank slot), or ``None`` where the gate does not rank (no prior, or the ``2belief`` formula).
 
         Parity checks compare the order with the reference's, since the gate's rank weights jump when two beliefs
         swap."""
-        feats, order = self._image_features(pixels)
+        feats, order = self._image_features(pixels, kernels)
         return F.normalize(feats, dim=-1), order
 
-    def _image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _image_features(self, pixels: torch.Tensor, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.image_size
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != s or pixels.shape[3] != s:
             raise ValueError(f"encode_image expects pixels [B,3,{s},{s}], got {tuple(pixels.shape)}")
-        prior = self.prior_token(pixels) if self.has_prior else None
-        return self.visual(pixels, prior, return_order=True)
+        if not self.has_prior:
+            return self.visual(pixels, return_order=True, kernels=kernels)
+        return self.visual(pixels, return_order=True, prior_features=self.res_visual(pixels),
+                           prior_proj=self.vision_proj_res, kernels=kernels)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, L] token ids (L <= context_length, EOT = the largest id in a row) -> [B, embed_dim] embeddings."""

@@ -17,9 +17,10 @@ Backends (:data:`BACKENDS`):
 ``onnxruntime``    ``priorclip.export`` ONNX graph run by ONNX Runtime (CPU or CUDA execution provider)
 ``aoti``           ``priorclip.export`` AOTInductor package
 ``tensorrt``       ``priorclip.export`` TensorRT engine (only where the ``tensorrt`` module is importable)
+``fused``          :class:`~priorclip.serve.fused.FusedEncoder`: real fp16/bf16 weights, BN folded, fused stem+gate
+                   kernel, exact pruning of the last blocks, text length buckets, CUDA graphs on GPU; ``fp8``: the
+                   image path's large GEMMs in e4m3 with calibrated scales (:mod:`priorclip.serve.fp8`)
 =================  =====================================================================================
-
-The fused-kernel engine joins this table once ``priorclip.kernels`` has it.
 
 Text length: the eager model cuts each text batch to its longest caption (``PriorCLIP.trim_text``, exact but
 data-dependent); the exported engines do the same on the host before running their dynamic-length graph. The
@@ -49,7 +50,7 @@ from priorclip.errors import PriorCLIPError
 from priorclip.model import PriorCLIP
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 
 class Engine:
@@ -293,6 +294,14 @@ def _check_trt(dev: str) -> str | None:
     return api if isinstance(api, str) else None
 
 
+def _check_fused(dev: str) -> str | None:
+    if (reason := _check_torch(dev)) is not None:
+        return reason
+    if dev == "cuda" and importlib.util.find_spec("triton") is None:
+        return "the fused engine on CUDA needs triton"
+    return None
+
+
 def _build_torch(model: PriorCLIP, precision: str, device: torch.device, **_: Any) -> Engine:
     enc = TorchEncoder(model, device, DTYPES[precision])
     info = {"autocast": precision != "fp32", "trim_text": bool(model.trim_text)}
@@ -315,6 +324,44 @@ def _build_compile(
     return Engine(
         enc, "torch-compile", precision, device, fixed_text_length=True, batch_buckets=batch_buckets, info=info
     )
+
+
+def _build_fused(model: PriorCLIP, precision: str, device: torch.device, batch_buckets=None,
+                 cuda_graphs: bool = True, project_in_kernel: bool = True, calib=None, calib_method: str = "minmax",
+                 fp8_keep: tuple[str, ...] | list[str] = (), **_: Any) -> Engine:
+    from priorclip.serve.fused import FusedEncoder
+
+    fp8 = None
+    if precision == "fp8":
+        from priorclip.export.amax import METHODS
+        from priorclip.serve.fp8 import Fp8Config, fp8_unsupported
+
+        if calib is None:
+            raise PriorCLIPError("fused fp8 needs calibration data (calib=RetrievalSet)")
+        if calib_method not in METHODS:
+            raise PriorCLIPError(f"unknown calibration method {calib_method!r}; choose from {', '.join(METHODS)}")
+        if (reason := fp8_unsupported(str(device))) is not None:
+            raise PriorCLIPError(f"fused fp8 cannot run on {device}: {reason}")
+        fp8 = Fp8Config(calib, calib_method, tuple(fp8_keep))
+    dtype = torch.bfloat16 if fp8 is not None else DTYPES[precision]  # fp8 GEMMs write bf16; the rest runs bf16
+    try:
+        enc = FusedEncoder(model, device, dtype, cuda_graphs=cuda_graphs, project_in_kernel=project_in_kernel,
+                           fp8=fp8)
+    except ValueError as e:  # a bad keep pattern, an empty calibration set
+        raise PriorCLIPError(f"fused {precision}: {e}") from e
+    if batch_buckets is None and enc.cuda_graphs:  # one CUDA graph per bucket, not per batch size
+        batch_buckets = (1, 8, 16, 32, 64, 128, 256)
+    info = {
+        "cuda_graphs": enc.cuda_graphs,
+        "kernels": enc.kernels,  # stem_gate: "fused" (Triton) or "reference"
+        "project_in_kernel": enc.project_in_kernel,
+        "bn_folded": enc.prior is not None,
+        "pruning": "last ViT block token 0, last text block EOT row, attention pool query 0",
+        "text_length_buckets": list(enc.text_buckets),
+    }
+    if enc.fp8 is not None:
+        info["fp8"] = enc.fp8  # which GEMMs are FP8, which stayed bf16 and why, calibration, amax per layer
+    return Engine(enc, "fused", precision, device, fixed_text_length=False, batch_buckets=batch_buckets, info=info)
 
 
 def _build_exported(
@@ -425,6 +472,14 @@ BACKENDS: dict[str, Backend] = {
         Backend(
             "tensorrt", {"cuda": ("fp32", "fp16", "int8")}, _check_trt, _build_trt, "priorclip.export TensorRT engine"
         ),
+        Backend(
+            "fused",
+            {"cpu": ("fp32", "bf16", "fp8"), "cuda": ("fp32", "fp16", "bf16", "fp8")},  # fp8 on CPU: emulated
+            _check_fused,
+            _build_fused,
+            "inference-only encoders: folded BN, fused stem+gate kernel, exact pruning, CUDA graphs on GPU",
+            ("batch_buckets", "cuda_graphs", "project_in_kernel", "calib_method", "fp8_keep"),
+        ),
     )
 }
 
@@ -467,14 +522,15 @@ def create_engine(
     Args:
         backend: a key of :data:`BACKENDS`.
         model: the PriorCLIP model (eval mode); engines may move it to ``device``.
-        precision: fp32, fp16, bf16 or int8, as the backend supports on that device.
+        precision: fp32, fp16, bf16, int8 or fp8, as the backend supports on that device.
         workdir: where exporting backends write their artefacts (default: a fresh temporary folder).
-        calib: a :class:`~priorclip.data.RetrievalSet` for int8 calibration.
+        calib: a :class:`~priorclip.data.RetrievalSet` for int8 (exporters) and fp8 (fused) calibration.
         parity_set, reference_embeddings: exporting backends (onnxruntime, aoti, tensorrt) check their export on
             this held-out :class:`~priorclip.data.RetrievalSet` against the fp32 reference (``reference_embeddings``
             = cached (image, text, belief order) of that set, else computed); the report is in
             ``engine.info["export_parity"]``. Other backends ignore both.
-        options: backend options: ``compile_mode`` and ``batch_buckets`` (torch-compile), ``provider`` (onnxruntime),
+        options: backend options: ``compile_mode`` and ``batch_buckets`` (torch-compile), ``batch_buckets``,
+            ``cuda_graphs``, and for fp8 ``calib_method`` and ``fp8_keep`` (fused), ``provider`` (onnxruntime),
             ``max_batch`` (exporters).
 
     Raises:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter (tests/kernels). The variable must be set before
+# anything imports triton.language (torch.compile's inductor does, from any test), so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 AID_RSICD = REPO.parent / "shared" / "data" / "aid-rsicd"

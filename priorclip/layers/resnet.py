@@ -78,8 +78,8 @@ class AttentionPool2d(nn.Module):
         x = x + self.positional_embedding.to(x.dtype)
         hd = c // self.num_heads
         q = self.q_proj(x[:, :1]).view(b, 1, self.num_heads, hd).transpose(1, 2)  # [B, H, 1, hd]
-        k = self.k_proj(x).view(b, -1, self.num_heads, hd).transpose(1, 2)  # [B, H, HW+1, hd]
-        v = self.v_proj(x).view(b, -1, self.num_heads, hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, h * w + 1, self.num_heads, hd).transpose(1, 2)  # [B, H, HW+1, hd]
+        v = self.v_proj(x).view(b, h * w + 1, self.num_heads, hd).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, 1, hd]
         return self.c_proj(out.transpose(1, 2).reshape(b, c))  # [B, output_dim]
 

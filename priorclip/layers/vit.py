@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from priorclip.config import GATE_BELIEF_PLUS_RANK, VisionConfig
-from priorclip.layers.gate import belief_gate
+from priorclip.kernels.belief_gate import belief_gate, fused_enabled, stem_gate
 from priorclip.layers.transformer import Transformer
 
 
@@ -37,30 +37,57 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
+    def patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings [B, 3, H, W] -> [B, g*g, D] (a strided view of ``conv1``'s output)."""
+        return self.conv1(pixels).flatten(2).transpose(1, 2)
+
     def stem(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patchify, prepend CLS, add positions, ``ln_pre``: [B, 3, H, W] -> [B, T, D]."""
-        x = self.conv1(pixels)  # [B, D, g, g]
-        x = x.flatten(2).transpose(1, 2)  # [B, g*g, D]
+        return self._embed(self.patch_tokens(pixels))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings [B, g*g, D] -> CLS prepended, positions added, ``ln_pre``: [B, T, D]."""
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, D]
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, T, D]
         return self.ln_pre(x)
 
-    def forward(self, pixels: torch.Tensor, prior_token: torch.Tensor | None = None,
-                return_order: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, pixels: torch.Tensor, prior_token: torch.Tensor | None = None, return_order: bool = False, *,
+                prior_features: torch.Tensor | None = None, prior_proj: nn.Linear | None = None,
+                kernels: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Pooled image features [B, output_dim] (not normalised); with ``return_order`` also the belief order.
 
-        With ``prior_token`` [B, 1, D] the stem tokens are gated by it, the token is prepended (no positional embedding,
-        no ``ln_pre``) and position 0, the prior token, is pooled. Without it the CLS token is pooled (order None).
+        With a prior, given as the token ``prior_token`` [B, 1, D] or as ``prior_features`` [B, P] and their
+        projection ``prior_proj`` (which the fused kernel applies in the same launch), the stem tokens are gated by
+        it, the token is prepended (no positional embedding, no ``ln_pre``) and position 0, the prior token, is
+        pooled. Without one the CLS token is pooled (order None). ``kernels="reference"`` pins the plain-torch gate.
         """
-        x = self.stem(pixels)  # [B, T, D]
         order = None
-        if prior_token is not None:
-            x, order = belief_gate(x, prior_token, self.gate, return_order=True)  # [B, T, D] float32, [B, T]
-            x = torch.cat([prior_token.to(x.dtype), x], dim=1)  # [B, T+1, D]
-            if not _autocast_enabled(x.device.type):
-                # Under autocast the fp32 residual stream is what the reference runs; otherwise follow the weights.
-                x = x.to(self.conv1.weight.dtype)
+        if prior_token is None and prior_features is None:
+            x = self.stem(pixels)  # [B, T, D]
+        else:
+            x, order = self._gated_stem(pixels, prior_token, prior_features, prior_proj, kernels)  # [B, T+1, D]
         x = self.transformer(x)
         pooled = self.ln_post(x[:, 0])  # ln_post is per token, so only token 0 needs it
         feats = pooled @ self.proj
         return (feats, order) if return_order else feats
+
+    def _gated_stem(self, pixels, prior_token, prior_features, prior_proj, kernels):
+        """The prior token, then the gated stem tokens [B, T+1, D], and the belief order.
+
+        The fused kernel (``priorclip.kernels.belief_gate``) where it runs; otherwise the reference through this
+        model's own modules, so ``ln_pre`` and ``vision_proj_res`` keep their hooks and their scopes in exported
+        graphs (INT8 keep-float patterns name them). Both compute ``stem_gate_reference``'s maths (tested)."""
+        patches = self.patch_tokens(pixels)  # [B, g*g, D]
+        # Under autocast the fp32 residual stream is what the reference runs; otherwise follow the weights.
+        out_dtype = None if _autocast_enabled(pixels.device.type) else self.conv1.weight.dtype
+        if prior_token is not None:
+            prior, w, b = prior_token[:, 0], None, None
+        else:
+            prior, w, b = prior_features, prior_proj.weight, prior_proj.bias
+        if fused_enabled(patches, prior, w, b, self.ln_pre.weight, self.class_embedding, kernels=kernels):
+            return stem_gate(patches, self.class_embedding, self.positional_embedding, self.ln_pre.weight,
+                             self.ln_pre.bias, self.ln_pre.eps, prior, w, b, self.gate, out_dtype, kernels)
+        y = prior_token if prior_token is not None else prior_proj(prior_features).unsqueeze(1)  # [B, 1, D]
+        x, order = belief_gate(self._embed(patches), y, self.gate, return_order=True)  # [B, T, D] float32
+        x = torch.cat([y.to(x.dtype), x], dim=1)
+        return (x if out_dtype is None else x.to(out_dtype)), order

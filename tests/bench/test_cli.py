@@ -128,7 +128,7 @@ def test_dataset_option_reads_a_karpathy_folder(tmp_path):
     "args, message",
     [
         (["--backends", "nope"], "unknown backend 'nope'"),
-        (["--engines", "torch:fp8"], "unknown precision 'fp8'"),
+        (["--engines", "torch:fp9"], "unknown precision 'fp9'"),
         (["--batch-sizes", "0,8"], "positive integers"),
         (["--batch-sizes", "a,b"], "positive integers"),
         (["--dataset", "/nonexistent/ds.json"], "not found"),

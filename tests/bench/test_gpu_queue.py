@@ -190,7 +190,8 @@ q_finish
 
 def test_q1_speed_dry_run(slice_dir, tmp_path):
     env = _env(tmp_path, DATA=slice_dir, EAGER_ENGINES="torch:fp32,torch:bf16", COMPILED_ENGINES="torch:fp32",
-               PRIORCLIP_GIT_REVISION="abc123")
+               FUSED_ENGINES="fused:fp32", AOTI_ENGINES="", PRIORCLIP_GIT_REVISION="abc123",
+               KBENCH_ARGS="--batches 2 --dtypes fp32 --shape 9,40,24 --iters 1 --configs 64:2")
     r = subprocess.run(["bash", str(GPU / "q1-speed.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     out = tmp_path / "out"
@@ -198,9 +199,11 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
                                                       "q1-speed-summary.md"]  # at most 8 files come back
     status = json.loads((out / "q1-speed-status.json").read_text())
     states = {s["name"]: s["state"] for s in status["steps"]}
-    assert states == {"eager": "ok", "tf32": "ok", "kernels": "skipped", "fused": "skipped", "compiled": "ok"}
+    assert [(s["name"], s["state"]) for s in status["steps"]] == [
+        ("eager", "ok"), ("kernels", "ok"), ("kbench", "ok"), ("fused", "ok"), ("compiled", "ok"), ("tf32", "ok"),
+        ("aoti", "skipped")]
     notes = {s["name"]: s["note"] for s in status["steps"]}
-    assert "tests/kernels does not exist" in notes["kernels"] and notes["fused"].startswith("SLOT")
+    assert notes["aoti"] == "AOTI_ENGINES is empty"
     assert status["revision"] == "abc123" and status["finished"] and status["wall_s"] > 0
     assert "EAGER_ENGINES=torch:fp32,torch:bf16" in status["command"] and "q1-speed.sh" in status["command"]
     assert status["environment"]["torch"] and status["environment"]["device"].startswith("CPU")
@@ -214,6 +217,11 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
     assert eager["config"]["batch_sizes"] == [4] and eager["environment"]["git_revision"] == "abc123"  # no .git there
     tf32 = _one(files, "results/tf32/bench-cpu-eager-tf32-", ".json")
     assert "TF32 ON" in tf32["config"]["note"] and [e["backend"] for e in tf32["engines"]] == ["torch"]
+    kb = json.loads(files["results/kbench/kernels.json"])
+    assert kb["dry_run"] and {r["variant"] for r in kb["rows"]} >= {"eager", "fused b64/w2", "op"}
+    assert "results/kernels/junit.xml" in files  # the kernel tests ran (on CPU every one is gpu-marked: skipped)
+    fused = _one(files, "results/fused/bench-cpu-fused-", ".json")
+    assert [(e["backend"], e["precision"], e["status"]) for e in fused["engines"]] == [("fused", "fp32", "ok")]
     compiled = _one(files, "results/compiled/bench-cpu-compiled-", ".json")
     assert compiled["config"]["compile_mode"] == "reduce-overhead" and compiled["config"]["compile_dynamic"] is True
     assert "results/env.txt" in files and any(k.startswith("logs/eager") for k in files)
@@ -231,7 +239,7 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
     (dest,) = (res / "gpu").iterdir()
     assert dest.name.startswith("q1-speed-cpu-") and (dest / "status.json").is_file() and (dest / "summary.md").is_file()
     assert list((dest / "eager").glob("bench-cpu-eager-*.json")) and not (dest / "logs").exists()
-    assert "last run: " in r.stdout and "3 ok, 2 skipped" in r.stdout and f"results: `{dest}/`" in r.stdout
+    assert "last run: " in r.stdout and "6 ok, 1 skipped" in r.stdout and f"results: `{dest}/`" in r.stdout
 
 
 def test_q1_errors_are_one_line(slice_dir, tmp_path):

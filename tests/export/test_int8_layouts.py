@@ -73,6 +73,14 @@ def test_ort_cpu_layout_is_what_onnxruntime_fuses(tiny_exports):
     assert t["integer"].get("MatMulIntegerToFloat", 0) + t["integer"].get("QGemm", 0) == len(weight_matmuls)
 
 
+def test_every_default_keep_fp_pattern_names_nodes_of_the_graph(tiny_exports):
+    """The defaults are matched against the exported nodes' module scopes: a model change that moved a module's ops
+    out of its scope (calling it functionally) would silently quantise what they keep float."""
+    scopes = {node_scope(n) for n in _graph(tiny_exports["fp32"]).graph.node}
+    for pattern in q.DEFAULT_KEEP_FP:
+        assert any(q._matching(scope, (pattern,)) for scope in scopes), pattern
+
+
 def test_ort_cpu_qdq_groups_and_int32_bias(tiny_exports):
     g = _graph(tiny_exports["int8"])
     inits, prod = _inits(g), _producers(g)

@@ -95,7 +95,7 @@ def test_gate_graph_breaks_ties_lower_index_first(tmp_path):
     """The exported gate alone, against an independent float64 gate with a stable descending sort."""
     import onnxruntime as ort
 
-    from priorclip.layers.gate import belief_gate
+    from priorclip.kernels.belief_gate import belief_gate
 
     class Gate(torch.nn.Module):
         def forward(self, x, y):

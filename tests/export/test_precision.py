@@ -11,7 +11,8 @@ from onnx import TensorProto
 from priorclip.encoder import TorchEncoder
 from priorclip.export import open_engine
 from priorclip.export.graph import op_counts
-from priorclip.export.quantize import entropy_amax, percentile_amax, quantize_weight
+from priorclip.export.amax import entropy_amax, percentile_amax
+from priorclip.export.quantize import quantize_weight
 
 from .conftest import tokens_for
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from priorclip import create_model
-from priorclip.layers.gate import belief_gate, descending_order
+from priorclip.kernels.belief_gate import belief_gate, descending_order
 
 
 def gate_f64(x: torch.Tensor, y: torch.Tensor, variant: str, belief32: bool = False) -> torch.Tensor:
@@ -183,3 +183,34 @@ def test_no_order_without_a_ranking_gate():
             model = create_model(name, **({"gate": gate} if gate else {}))
             emb, order = model.encode_image_with_order(torch.randn(2, 3, 64, 64))
             assert order is None and emb.shape == (2, model.cfg.embed_dim)
+
+
+def test_empty_batches_embed_to_empty_results():
+    m = create_model("priorclip-tiny").eval()
+    s = m.image_size
+    with torch.no_grad():
+        assert m.encode_image(torch.zeros(0, 3, s, s)).shape == (0, m.cfg.embed_dim)
+        assert m.encode_text(torch.zeros(0, 77, dtype=torch.long)).shape == (0, m.cfg.embed_dim)
+
+
+def test_model_reference_path_is_stem_gate_reference_through_its_modules():
+    """Off CUDA the model gates through its own modules (hooks fire, exported graphs keep their scopes), and that
+    path is the kernels' reference, bit for bit."""
+    from priorclip.kernels.belief_gate import stem_gate_reference
+
+    m = create_model("priorclip-tiny").eval()
+    px = torch.randn(3, 3, m.image_size, m.image_size, generator=torch.Generator().manual_seed(4))
+    fired = []
+    hooks = [mod.register_forward_hook(lambda *_, n=name: fired.append(n))
+             for name, mod in (("ln_pre", m.visual.ln_pre), ("vision_proj_res", m.vision_proj_res))]
+    with torch.no_grad():
+        r = m.res_visual(px)
+        got, order = m.visual._gated_stem(px, None, r, m.vision_proj_res, "auto")
+        v = m.visual
+        want, want_order = stem_gate_reference(v.patch_tokens(px), v.class_embedding, v.positional_embedding,
+                                               v.ln_pre.weight, v.ln_pre.bias, v.ln_pre.eps, r,
+                                               m.vision_proj_res.weight, m.vision_proj_res.bias, m.cfg.gate)
+    for h in hooks:
+        h.remove()
+    assert sorted(fired) == ["ln_pre", "vision_proj_res"]
+    assert torch.equal(got, want) and torch.equal(order, want_order)
