@@ -83,6 +83,12 @@ def _slug(text: str) -> str:
     "(default: the full context, 77). Eager PyTorch trims to it; compiled and exported engines run 77 anyway.",
 )
 @click.option(
+    "--real-captions",
+    is_flag=True,
+    help="Time texts on captions drawn from the recall set (their real lengths: engines that cut to the batch's "
+    "longest caption run that) instead of --text-length tokens; fixed-length engines still run the full context.",
+)
+@click.option(
     "--towers",
     type=click.Choice(["both", "image", "text"]),
     default="both",
@@ -191,6 +197,7 @@ def main(
     warmup,
     iters,
     text_length,
+    real_captions,
     towers,
     dataset,
     images,
@@ -249,6 +256,7 @@ def main(
         warmup=warmup,
         iters=iters,
         text_length=text_length,
+        real_captions=real_captions,
         towers=("image", "text") if towers == "both" else (towers,),
         recall=not no_recall,
         dataset=dataset,

@@ -261,10 +261,25 @@ def make_token_batch(batch: int, length: int, context_length: int, vocab_size: i
     return tokens
 
 
+def caption_batch(caption_tokens: torch.Tensor, batch: int, seed: int) -> torch.Tensor:
+    """``batch`` rows of real tokenised captions [N, ctx], drawn at random (seeded; without repeats while N allows)."""
+    g = torch.Generator().manual_seed(seed)
+    n = caption_tokens.shape[0]
+    idx = torch.randperm(n, generator=g)[:batch] if batch <= n else torch.randint(0, n, (batch,), generator=g)
+    return caption_tokens[idx]
+
+
+def tokens_run(pool: Sequence[torch.Tensor]) -> int:
+    """The text length an engine that cuts to the batch's longest caption runs, averaged over the pool's batches."""
+    return round(sum(int(t.argmax(dim=-1).max()) + 1 for t in pool) / len(pool))
+
+
 def input_pool(
-    engine: Engine, tower: str, batch: int, text_length: int, vocab_size: int, size: int | None = None
+    engine: Engine, tower: str, batch: int, text_length: int, vocab_size: int, size: int | None = None,
+    caption_tokens: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Distinct input batches on the engine's device (fewer of the big ones, to bound memory)."""
+    """Distinct input batches on the engine's device (fewer of the big ones, to bound memory). Text batches are
+    synthetic captions of ``text_length`` tokens, or real ones drawn from ``caption_tokens`` [N, ctx]."""
     if size is None:
         size = 4 if batch <= 64 else 2
     dev = engine.device if engine.device.type == "cuda" else torch.device("cpu")
@@ -272,6 +287,8 @@ def input_pool(
         g = torch.Generator().manual_seed(1000 + batch)
         s = engine.image_size
         return [torch.randn(batch, 3, s, s, generator=g).to(dev) for _ in range(size)]
+    if caption_tokens is not None:
+        return [caption_batch(caption_tokens, batch, 3000 + batch * 7 + i).to(dev) for i in range(size)]
     return [
         make_token_batch(batch, text_length, engine.context_length, vocab_size, 2000 + batch * 7 + i).to(dev)
         for i in range(size)
@@ -290,17 +307,19 @@ def bench_engine(
     on_row: Callable[[TimingRow], None] | None = None,
     free_before_build: int | None = None,
     monitor: "LoadMonitor | None" = None,
+    caption_tokens: torch.Tensor | None = None,
 ) -> list[TimingRow]:
     """Time ``engine`` for each tower and batch size; returns one :class:`TimingRow` each.
 
     ``free_before_build``: free device bytes measured before the engine was built, the baseline of the memory taken
     by runtimes that allocate outside torch (ONNX Runtime, TensorRT). ``monitor``: readings around every point.
+    ``caption_tokens``: time texts on real captions drawn from these [N, ctx] instead of ``text_length`` tokens.
     """
     rows = []
     peak = peak_for(engine.precision, peaks)
     for tower in towers:
         for batch in batch_sizes:
-            pool = input_pool(engine, tower, batch, text_length, cfg.text.vocab_size)
+            pool = input_pool(engine, tower, batch, text_length, cfg.text.vocab_size, caption_tokens=caption_tokens)
             fn = engine.encode_images if tower == "image" else engine.encode_texts
             if engine.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -319,8 +338,11 @@ def bench_engine(
                 mem, kind = rss_high_water_mib(), "process RSS high-water"
             stats = percentiles(ms)
             tokens = None
-            if tower == "text":
-                tokens = engine.context_length if engine.fixed_text_length else text_length
+            if tower == "text":  # FLOPs at the length run (real captions: the batch's longest, as eager cuts them)
+                if engine.fixed_text_length:
+                    tokens = engine.context_length
+                else:
+                    tokens = tokens_run(pool) if caption_tokens is not None else text_length
             gflop = gflop_per_item(cfg, tower, tokens)
             items_per_s = batch * pipe_calls / pipe_s
             tflops = items_per_s * gflop / 1e3

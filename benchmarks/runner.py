@@ -69,6 +69,7 @@ class BenchOptions:
     warmup: int | None = None
     iters: int | None = None
     text_length: int | None = None  # tokens incl. SOT/EOT; default: the full context
+    real_captions: bool = False  # time texts on the recall set's captions instead of text_length-token ones
     towers: tuple[str, ...] = ("image", "text")
     recall: bool = True
     dataset: Path | None = None
@@ -292,6 +293,9 @@ def run_bench(
     text_length = opts.text_length or ctx
     if not 2 <= text_length <= ctx:
         raise PriorCLIPError(f"--text-length must be between 2 and {ctx}, got {text_length}")
+    if opts.real_captions and (not opts.recall or opts.text_length):
+        raise PriorCLIPError("--real-captions draws the timed captions from the recall set: it needs the recall check "
+                             "(not --no-recall) and no --text-length")
     prof = profile_config(cfg)
     log(f"priorclip-bench: {cfg.name} on {device}; engines: {', '.join(f'{b}/{p}' for b, p in pairs) or 'none'}")
 
@@ -424,6 +428,7 @@ def run_bench(
                         on_row=show,
                         free_before_build=free_before,
                         monitor=load_monitor,
+                        caption_tokens=data.tokens if opts.real_captions else None,
                     )
                 ]
                 if jpegs is not None:
@@ -525,6 +530,7 @@ def _report(
             "warmup": warmup,
             "iters": iters,
             "text_length": text_length,
+            "real_captions": bool(opts.real_captions),
             "towers": list(opts.towers),
             "compile_mode": opts.compile_mode,
             "compile_dynamic": opts.compile_dynamic,

@@ -23,7 +23,8 @@
 # Every bench step's note in the status also names the engines that failed, or fell outside their tolerance.
 # Output ($OUT, 3 files): q1-speed-status.json, q1-speed-summary.md, q1-speed-results.tar.gz (bench JSON/MD/PNG per
 # step, logs). Knobs: DATA, MODEL, DEVICE, BATCHES, WARMUP (bench warm-up calls), ITERS, EAGER_ENGINES,
-# COMPILED_ENGINES, FUSED_ENGINES, AOTI_ENGINES, KBENCH_ARGS, COMPILE_MODE, COMPILE_DYNAMIC (1), E2E (1), the step caps
+# COMPILED_ENGINES, FUSED_ENGINES, AOTI_ENGINES, KBENCH_ARGS, COMPILE_MODE, COMPILE_DYNAMIC (1), E2E (1),
+# REAL_CAPTIONS (1: texts timed on the slice's captions, see priorclip-bench --real-captions), the step caps
 # EAGER_MAX_S, KERNELS_MAX_S, KBENCH_MAX_S, FUSED_MAX_S, COMPILED_MAX_S, TF32_MAX_S, AOTI_MAX_S, and lib.sh's
 # (Q_TIME_LIMIT, ...); the CPU test dry-runs this with the tiny config.
 set -uo pipefail
@@ -39,6 +40,8 @@ DEVTAG=$Q_DEVTAG
 COMMON=(--model "${MODEL:-priorclip-vit-b32}" --device "$DEVICE" --batch-sizes "${BATCHES:-1,8,256}"
         --warmup "${WARMUP:-10}" --iters "${ITERS:-100}" --dataset "$DATA")
 [ "${E2E:-1}" = 1 ] || COMMON+=(--no-e2e)
+# texts timed on the slice's real captions: what a service embeds, and the "text on real captions" target
+[ "${REAL_CAPTIONS:-1}" = 1 ] && COMMON+=(--real-captions)
 R=$Q_WORK/results
 BENCH=("$PY" -m priorclip.benchmarks.cli)
 

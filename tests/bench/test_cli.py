@@ -124,9 +124,35 @@ def test_dataset_option_reads_a_karpathy_folder(tmp_path):
     assert {t["tower"] for t in doc["timings"]} == {"image"} and doc["e2e"] == []
 
 
+def test_real_captions_time_texts_at_their_own_lengths(tmp_path):
+    """--real-captions: texts drawn from the recall set; eager and fused cut them, so they run (and count FLOPs at)
+    the batch's longest caption, far under the 77-token context; the fused engine's result equals eager's."""
+    from priorclip.benchmarks import harness
+
+    res = _run([*FAST, "--engines", "torch:fp32,fused:fp32", "--no-e2e", "--towers", "text", "--real-captions",
+                "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    doc, path = _report(tmp_path / "out")
+    assert doc["config"]["real_captions"] is True
+    rows = {(t["backend"], t["batch"]): t for t in doc["timings"]}
+    assert set(rows) == {(b, n) for b in ("torch", "fused") for n in (1, 2)}
+    for t in rows.values():
+        assert 3 <= t["tokens"] < 40  # generated captions are a few words, not 77 tokens
+        assert t["gflop_per_item"] == pytest.approx(harness.gflop_per_item(harness_cfg(), "text", t["tokens"]))
+    assert "real captions drawn from the recall set" in path.with_suffix(".md").read_text()
+    assert all(r["within_tolerance"] for r in doc["recall"]["engines"])
+
+
+def harness_cfg():
+    from priorclip import get_config
+
+    return get_config("priorclip-tiny")
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--real-captions", "--no-recall"], "--real-captions draws the timed captions"),
         (["--backends", "nope"], "unknown backend 'nope'"),
         (["--engines", "torch:fp9"], "unknown precision 'fp9'"),
         (["--batch-sizes", "0,8"], "positive integers"),

@@ -215,6 +215,8 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
     ds = eager["recall"]["dataset"]  # parity on the carried slice, all of it
     assert ds["generated"] is False and ds["n_images"] == 12 and ds["n_classes"] == 6
     assert eager["config"]["batch_sizes"] == [4] and eager["environment"]["git_revision"] == "abc123"  # no .git there
+    assert eager["config"]["real_captions"] is True  # texts on the slice's captions
+    assert all(t["tokens"] < 77 for t in eager["timings"] if t["tower"] == "text")
     tf32 = _one(files, "results/tf32/bench-cpu-eager-tf32-", ".json")
     assert "TF32 ON" in tf32["config"]["note"] and [e["backend"] for e in tf32["engines"]] == ["torch"]
     kb = json.loads(files["results/kbench/kernels.json"])

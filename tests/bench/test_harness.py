@@ -189,3 +189,16 @@ def test_bench_engine_and_e2e_rate_on_tiny():
     rate = harness.e2e_rate(eng, jpegs, batch=4, workers=2)
     assert rate["n_images"] == 6 and rate["images_per_s"] > 0
     assert harness.decode_rate(jpegs, 64, workers=2) > 0
+
+
+def test_caption_batches_and_the_length_they_run():
+    """Real-caption batches: seeded draws from the set; the length run is the batch's longest (EOT + 1), averaged."""
+    from priorclip.benchmarks.harness import caption_batch, tokens_run
+
+    toks = torch.zeros(5, 77, dtype=torch.long)
+    for i, eot in enumerate((3, 9, 4, 20, 6)):
+        toks[i, 0], toks[i, eot] = 49406, 49407  # SOT, EOT (the highest id)
+    a = caption_batch(toks, 3, seed=1)
+    assert torch.equal(a, caption_batch(toks, 3, seed=1)) and len({tuple(r.tolist()) for r in a}) == 3  # no repeats
+    assert caption_batch(toks, 8, seed=1).shape == (8, 77)  # more rows than captions: drawn with repeats
+    assert tokens_run([toks[:2], toks[2:]]) == round(((9 + 1) + (20 + 1)) / 2)  # 15.5 -> 16
