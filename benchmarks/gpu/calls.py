@@ -76,7 +76,10 @@ def plan(entry: str, rev: str) -> list[dict]:
         calls = [_copy_call(c, "/tmp/chunks") for c in chunks[:-1]]  # q3-ort-cuda.sh's CHUNKS_DIR
         return calls + [{"carry": [chunks[-1], ".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q3-ort-cuda.sh",
                          "timeout_s": RUN_TIMEOUT_S}]
-    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2 or 3)")
+    if entry == "4":
+        return [{"carry": [".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q4-autotune.sh",
+                 "timeout_s": RUN_TIMEOUT_S}]
+    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2, 3 or 4)")
 
 
 def check(calls: list[dict]) -> tuple[list[str], list[float]]:
@@ -109,7 +112,7 @@ def check(calls: list[dict]) -> tuple[list[str], list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("entry", choices=["1", "2", "3"])
+    ap.add_argument("entry", choices=["1", "2", "3", "4"])
     ap.add_argument("--revision", default=None, help="default: git rev-parse HEAD, +dirty with uncommitted changes")
     a = ap.parse_args(argv)
     calls = plan(a.entry, a.revision or git_revision(ROOT) or "unknown")

@@ -244,6 +244,34 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
     assert "last run: " in r.stdout and "6 ok, 1 skipped" in r.stdout and f"results: `{dest}/`" in r.stdout
 
 
+def test_q4_autotune_dry_run(slice_dir, tmp_path):
+    """Entry 4 on CPU with the tiny model: one bench step, fused first, real captions, the compile mode recorded
+    (torch stands in for torch.compile here: max-autotune on a CPU would take minutes)."""
+    env = _env(tmp_path, DATA=slice_dir, Q4_ENGINES="fused:fp32,torch:fp32", PRIORCLIP_GIT_REVISION="abc123")
+    r = subprocess.run(["bash", str(GPU / "q4-autotune.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["q4-autotune-results.tar.gz", "q4-autotune-status.json",
+                                                      "q4-autotune-summary.md"]
+    status = json.loads((out / "q4-autotune-status.json").read_text())
+    assert [(s["name"], s["state"]) for s in status["steps"]] == [("bench", "ok")]
+    bench = _one(_results(out, "q4-autotune"), "results/bench/bench-cpu-autotune-", ".json")
+    assert [(e["backend"], e["precision"], e["status"]) for e in bench["engines"]] == [
+        ("fused", "fp32", "ok"), ("torch", "fp32", "ok")]
+    assert bench["config"]["real_captions"] is True and bench["config"]["compile_mode"] == "max-autotune"
+    assert bench["config"]["batch_sizes"] == [4]
+
+
+def test_calls_prints_entry_4(tmp_path):
+    r = subprocess.run([sys.executable, str(GPU / "calls.py"), "4", "--revision", "abc"], capture_output=True, text=True)
+    if r.returncode == 2:  # the staged slice or wheels are not here: the errors say which, one line each
+        assert all(line.startswith("Error: ") for line in r.stderr.splitlines()), r.stderr
+        return
+    call = json.loads(r.stdout.strip().splitlines()[-1])
+    assert call["command"] == "PRIORCLIP_GIT_REVISION=abc bash benchmarks/gpu/q4-autotune.sh"
+    assert call["carry"] == [".bench-data", ".whl"] and call["timeout_s"] == 540
+
+
 def test_q1_errors_are_one_line(slice_dir, tmp_path):
     r = subprocess.run(["bash", str(GPU / "q1-speed.sh")], env=_env(tmp_path, DATA=tmp_path / "nowhere"),
                        capture_output=True, text=True, timeout=60)
