@@ -25,6 +25,7 @@ Numerical contract:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -167,6 +168,19 @@ def fused_enabled(x: torch.Tensor, *tensors: torch.Tensor | None, kernels: str =
 _TRITON: bool | None = None
 
 
+@contextlib.contextmanager
+def kernel_failure_hint(name: str):
+    """A fused kernel that fails to compile or launch (a Triton or driver mismatch) fails loudly, not by quietly
+    running the reference, so no measurement is mislabelled; the error says how to run without it."""
+    try:
+        yield
+    except Exception as e:
+        if torch.compiler.is_compiling():
+            raise
+        raise RuntimeError(f"the fused {name} kernel failed ({type(e).__name__}: {e}); set {KERNELS_ENV}=reference "
+                           "to run the plain-torch reference instead") from e
+
+
 def _triton_importable() -> bool:
     global _TRITON
     if _TRITON is None:
@@ -213,6 +227,8 @@ def stem_gate(
     from priorclip.kernels.belief_gate_triton import stem_gate_op
 
     out_dtype = out_dtype or torch.float32
-    tokens, order = stem_gate_op(patches, class_embedding, positional_embedding, ln_weight, ln_bias, float(ln_eps),
-                                 prior, proj_weight, proj_bias, variant == GATE_BELIEF_PLUS_RANK, out_dtype)
+    with kernel_failure_hint("stem_gate"):
+        tokens, order = stem_gate_op(patches, class_embedding, positional_embedding, ln_weight, ln_bias,
+                                     float(ln_eps), prior, proj_weight, proj_bias, variant == GATE_BELIEF_PLUS_RANK,
+                                     out_dtype)
     return tokens, (order if variant == GATE_BELIEF_PLUS_RANK else None)

@@ -14,7 +14,7 @@ import importlib
 
 import torch
 
-from priorclip.kernels.belief_gate import _triton_importable, fused_enabled
+from priorclip.kernels.belief_gate import _triton_importable, fused_enabled, kernel_failure_hint
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -37,7 +37,8 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return quantize_fp8_reference(x, scale)
     from priorclip.kernels.fp8_quant_triton import quantize_fp8_op
 
-    return quantize_fp8_op(x, scale)
+    with kernel_failure_hint("quantize_fp8"):
+        return quantize_fp8_op(x, scale)
 
 
 if torch.cuda.is_available() and _triton_importable():  # register the op outside any traced region

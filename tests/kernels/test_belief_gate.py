@@ -254,3 +254,10 @@ def test_compiled_model_keeps_the_fused_op_whole():
         want, want_order = model.encode_image_with_order(pixels, kernels="reference")
         got, order = torch.compile(model.encode_image_with_order, fullgraph=True)(pixels)
     assert report("compiled model", got, want) <= 1e-4 and torch.equal(order, want_order)
+
+
+def test_a_failing_kernel_fails_loudly_with_the_way_out():
+    """No quiet fallback (it would mislabel measurements): the error names the kernel and PRIORCLIP_KERNELS."""
+    with pytest.raises(RuntimeError, match="fused stem_gate kernel failed .*PRIORCLIP_KERNELS=reference"):
+        with bg.kernel_failure_hint("stem_gate"):
+            raise ValueError("PTX .version 9.0 does not support .target sm_90a")
