@@ -11,7 +11,8 @@ For the stem epilogue + belief gate (``priorclip.kernels.belief_gate``) it times
 * ``op``         the best config through ``torch.ops.priorclip.stem_gate`` (what the model and compiled graphs call)
 
 and the FP8 activation quantisation (``priorclip.kernels.fp8_quant``) of the fused engine's widest GEMM inputs:
-eager (three launches), compiled and the one-pass kernel, with a byte-for-byte check against the reference.
+eager (three launches), compiled and the one-pass kernel, with a byte-for-byte check against the reference; and the
+residual add + LayerNorm candidate (``priorclip.kernels.add_layernorm``) on both towers' residual streams.
 
 Two times per variant: ``call`` (back-to-back calls from Python: what eager code pays, host launch cost included)
 and ``graph`` (replays of a CUDA graph of 20 calls: the device time an engine with CUDA graphs pays). The floor is the
@@ -215,6 +216,40 @@ def bench_quantize_fp8(device: torch.device, batches: list[int], iters: int, com
             on_point(rows)
 
 
+# The residual streams of the two towers per item: ViT 51 tokens x 768, text 32 tokens x 512 (a real-caption batch)
+STREAMS = {"vit stream": (51, 768), "text stream": (32, 512)}
+
+
+def bench_add_layernorm(device: torch.device, batches: list[int], iters: int, compile_mode: str | None,
+                        bw_gbs: float, rows: list[dict], on_point: Callable[[list[dict]], None]) -> None:
+    from priorclip.kernels.add_layernorm import add_layernorm_reference
+    from priorclip.kernels.add_layernorm_triton import add_layernorm_triton
+
+    compiled = (torch.compile(add_layernorm_reference, **({"mode": compile_mode} if compile_mode else {}))
+                if device.type == "cuda" and compile_mode != "none" else None)
+    for label, (per_item, d) in STREAMS.items():
+        for b in batches:
+            g = torch.Generator().manual_seed(b)
+            x, delta = (torch.randn(b * per_item, d, generator=g).to(device=device, dtype=torch.bfloat16)
+                        for _ in range(2))
+            w = (1 + 0.1 * torch.randn(d, generator=g)).to(device=device, dtype=torch.bfloat16)
+            bias = (0.1 * torch.randn(d, generator=g)).to(device=device, dtype=torch.bfloat16)
+            want = torch.nn.functional.layer_norm((x + delta).double(), (d,), w.double(), bias.double(), 1e-5)
+            base = {"kernel": "add_layernorm", "tensor": label, "dtype": "bf16", "batch": b,
+                    "floor_us": x.numel() * 2 * 4 / (bw_gbs * 1e9) * 1e6}  # x, delta in; s, h out (bf16)
+
+            def check(out: tuple) -> dict:
+                return {"max_err": (out[1].double() - want).abs().max().item() if x.numel() else 0.0,
+                        "order_equal": None}
+
+            variants = {"eager": lambda: add_layernorm_reference(x, delta, w, bias, 1e-5)}
+            if compiled is not None:
+                variants["compiled"] = lambda: compiled(x, delta, w, bias, 1e-5)
+            variants["fused"] = lambda: add_layernorm_triton(x, delta, w, bias, 1e-5)
+            rows += measure_point(variants, check, base, device, iters)
+            on_point(rows)
+
+
 def _best_time(r: dict) -> float | None:
     return r.get("graph_us") or r.get("call_us")
 
@@ -270,10 +305,11 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
     return out
 
 
-def quant_rows(rows: list[dict]) -> list[list[str]]:
+def elementwise_rows(rows: list[dict], kernel: str) -> list[list[str]]:
+    """Per (tensor, batch) of a one-pass kernel: floor, eager, compiled, fused and how close fused is to the floor."""
     out = []
     for r in rows:
-        if r["kernel"] != "quantize_fp8" or r["variant"] != "fused":
+        if r["kernel"] != kernel or r["variant"] != "fused":
             continue
         by = {x["variant"]: x for x in rows if x["kernel"] == r["kernel"] and x.get("tensor") == r["tensor"]
               and x["batch"] == r["batch"]}
@@ -281,7 +317,8 @@ def quant_rows(rows: list[dict]) -> list[list[str]]:
         ok = "error" not in r
         out.append([r["tensor"], str(r["batch"]), _fmt(r["floor_us"]), t("eager"), t("compiled"), t("fused"),
                     _fmt(r.get("x_floor"), 2) if ok else "-", _fmt(r.get("speedup_vs_eager"), 2) if ok else "-",
-                    _fmt(r.get("bytes_equal")) if ok else f"ERROR: {r['error']}"])
+                    (_fmt(r.get("bytes_equal")) if "bytes_equal" in r else f"{r['max_err']:.1e}") if ok
+                    else f"ERROR: {r['error']}"])
     return out
 
 
@@ -299,12 +336,14 @@ def markdown(doc: dict) -> str:
             "| dtype | B | floor | eager | compiled | best fused (BLOCK_D/warps) | x floor | vs compiled | "
             "fused+proj | op call |", "| --- | --- | " + "---: | " * 8]
     out += ["| " + " | ".join(c) + " |" for c in summary_rows(doc["rows"])]
-    quant = quant_rows(doc["rows"])
-    if quant:
-        out += ["", "FP8 activation quantisation (bf16 in, e4m3 out), microseconds per call:", "",
-                "| tensor | B | floor | eager | compiled | fused | x floor | vs eager | bytes equal |",
-                "| --- | --- | " + "---: | " * 7]
-        out += ["| " + " | ".join(c) + " |" for c in quant]
+    for kernel, title, check in (("quantize_fp8", "FP8 activation quantisation (bf16 in, e4m3 out)", "bytes equal"),
+                                 ("add_layernorm", "Residual add + LayerNorm (bf16)", "max err")):
+        table = elementwise_rows(doc["rows"], kernel)
+        if table:
+            out += ["", f"{title}, microseconds per call:", "",
+                    f"| tensor | B | floor | eager | compiled | fused | x floor | vs eager | {check} |",
+                    "| --- | --- | " + "---: | " * 7]
+            out += ["| " + " | ".join(c) + " |" for c in table]
     out += ["", f"Command: `{env['command']}`", "", "## All variants", ""]
     head = ["kernel", "dtype", "B", "variant", "graph us", "call us", "x floor", "vs eager", "vs compiled", "max err",
             "order"]
@@ -388,6 +427,7 @@ def main(out_dir: str, device: str, batches: str, dtypes: str, shape: str, iters
     bench_stem_gate(dev, dts, bs, sh, iters, mode, cfgs, bw, rows, write)
     if not no_fp8:
         bench_quantize_fp8(dev, bs, iters, mode, bw, rows, write)
+    bench_add_layernorm(dev, bs, iters, mode, bw, rows, write)
     print(f"wrote {out / 'kernels.md'}")
 
 

@@ -328,7 +328,7 @@ def _build_compile(
 
 def _build_fused(model: PriorCLIP, precision: str, device: torch.device, batch_buckets=None,
                  cuda_graphs: bool = True, project_in_kernel: bool = True, calib=None, calib_method: str = "minmax",
-                 fp8_keep: tuple[str, ...] | list[str] = (), **_: Any) -> Engine:
+                 fp8_keep: tuple[str, ...] | list[str] = (), fused_norms: bool = False, **_: Any) -> Engine:
     from priorclip.serve.fused import FusedEncoder
 
     fp8 = None
@@ -346,7 +346,7 @@ def _build_fused(model: PriorCLIP, precision: str, device: torch.device, batch_b
     dtype = torch.bfloat16 if fp8 is not None else DTYPES[precision]  # fp8 GEMMs write bf16; the rest runs bf16
     try:
         enc = FusedEncoder(model, device, dtype, cuda_graphs=cuda_graphs, project_in_kernel=project_in_kernel,
-                           fp8=fp8)
+                           fp8=fp8, fused_norms=fused_norms)
     except ValueError as e:  # a bad keep pattern, an empty calibration set
         raise PriorCLIPError(f"fused {precision}: {e}") from e
     if batch_buckets is None and enc.cuda_graphs:  # one CUDA graph per bucket, not per batch size
@@ -355,6 +355,7 @@ def _build_fused(model: PriorCLIP, precision: str, device: torch.device, batch_b
         "cuda_graphs": enc.cuda_graphs,
         "kernels": enc.kernels,  # stem_gate: "fused" (Triton) or "reference"
         "project_in_kernel": enc.project_in_kernel,
+        "fused_norms": enc.fused_norms,
         "bn_folded": enc.prior is not None,
         "pruning": "last ViT block token 0, last text block EOT row, attention pool query 0",
         "text_length_buckets": list(enc.text_buckets),
@@ -478,7 +479,7 @@ BACKENDS: dict[str, Backend] = {
             _check_fused,
             _build_fused,
             "inference-only encoders: folded BN, fused stem+gate kernel, exact pruning, CUDA graphs on GPU",
-            ("batch_buckets", "cuda_graphs", "project_in_kernel", "calib_method", "fp8_keep"),
+            ("batch_buckets", "cuda_graphs", "project_in_kernel", "fused_norms", "calib_method", "fp8_keep"),
         ),
     )
 }

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from priorclip.kernels.add_layernorm import add_layernorm
 from priorclip.kernels.belief_gate import fused_enabled, stem_gate
 from priorclip.layers.resnet import Bottleneck, ModifiedResNet
 from priorclip.layers.transformer import ResidualAttentionBlock
@@ -102,16 +103,18 @@ def block_forward(x: torch.Tensor, p: BlockWeights, causal: bool = False) -> tor
     return _mlp_residual(x, p)
 
 
-def pruned_block(x: torch.Tensor, p: BlockWeights, rows: torch.Tensor | None = None) -> torch.Tensor:
+def pruned_block(x: torch.Tensor, p: BlockWeights, rows: torch.Tensor | None = None,
+                 h: torch.Tensor | None = None) -> torch.Tensor:
     """One output row per sample of :func:`block_forward`: [B, L, D] -> [B, D].
 
     ``rows`` None: row 0 of the unmasked block (ViT). ``rows`` [B] int64: row ``rows[b]`` of the causal block (text
     EOT), whose query sees keys 0..rows[b] only; later rows may be padding and are masked out. Keys and values
     still come from every token (LN1 over all of them); Q, attention, projections and the MLP run for one row.
+    ``h``: LN1(x) when the caller already has it (:func:`encoder_stack` with fused norms).
     """
     b, n, d = x.shape
     hd = d // p.heads
-    h = _ln(x, p.ln1)  # [B, L, D]
+    h = _ln(x, p.ln1) if h is None else h  # [B, L, D]
     if rows is None:
         x0, h0, mask = x[:, :1], h[:, :1], None
     else:
@@ -123,6 +126,32 @@ def pruned_block(x: torch.Tensor, p: BlockWeights, rows: torch.Tensor | None = N
     a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)  # [B, H, 1, hd]
     x0 = x0 + p.out(a.transpose(1, 2).reshape(b, 1, d))
     return _mlp_residual(x0, p)[:, 0]
+
+
+def _block_fused_norms(x: torch.Tensor, h: torch.Tensor, p: BlockWeights, next_ln, causal: bool):
+    """:func:`block_forward` given h = LN1(x), each residual add fused with the LayerNorm that follows it (this
+    block's LN2, then the next block's LN1): returns (x, LN1_next(x))."""
+    b, n, d = x.shape
+    qkv = p.qkv(h).view(b, n, 3, p.heads, d // p.heads).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)  # [B, H, L, hd]
+    x, h2 = add_layernorm(x, p.out(a.transpose(1, 2).reshape(b, n, d)), *p.ln2)
+    return add_layernorm(x, p.proj(F.gelu(p.fc(h2))), *next_ln)
+
+
+def encoder_stack(x: torch.Tensor, blocks: list[BlockWeights], causal: bool = False,
+                  rows: torch.Tensor | None = None, fused_norms: bool = False) -> torch.Tensor:
+    """Every block in full but the last, pruned to one row per sample (:func:`pruned_block`): [B, L, D] -> [B, D].
+
+    ``fused_norms``: the residual adds and the LayerNorms after them as one kernel each
+    (``priorclip.kernels.add_layernorm``; the reference off CUDA): a candidate, off until the GPU says it wins."""
+    if not fused_norms:
+        for blk in blocks[:-1]:
+            x = block_forward(x, blk, causal)
+        return pruned_block(x, blocks[-1], rows)
+    h = _ln(x, blocks[0].ln1)
+    for blk, nxt in zip(blocks[:-1], blocks[1:]):
+        x, h = _block_fused_norms(x, h, blk, nxt.ln1, causal)
+    return pruned_block(x, blocks[-1], rows, h=h)
 
 
 # ------------------------------------------------------------------------------------------- prior ResNet
@@ -258,12 +287,17 @@ class FusedEncoder:
         project_in_kernel: apply the prior projection inside the stem-gate launch (one launch) rather than as a
             GEMM before it; which is faster depends on the batch (``python -m priorclip.benchmarks.kernels`` times
             both: ``fused`` and ``fused+proj``).
+        fused_norms: each residual add and the LayerNorm after it as one kernel (:func:`encoder_stack`); off by
+            default until the kernel benchmark shows it beating the library on a GPU.
         fp8: an :class:`~priorclip.serve.fp8.Fp8Config` (dtype must be bfloat16): calibrate on its images, then run
             the ViT linears and the prior's 1x1 convolutions as FP8 GEMMs; :attr:`fp8` is then the layer report.
+        fused_norms: each residual add and the LayerNorm after it as one kernel (:func:`encoder_stack`); off by
+            default until the kernel benchmark shows it beating the library on a GPU.
     """
 
     def __init__(self, model: PriorCLIP, device: str | torch.device, dtype: torch.dtype,
-                 cuda_graphs: bool = True, project_in_kernel: bool = True, fp8: Fp8Config | None = None) -> None:
+                 cuda_graphs: bool = True, project_in_kernel: bool = True, fp8: Fp8Config | None = None,
+                 fused_norms: bool = False) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"FusedEncoder dtype must be one of {_DTYPES}, got {dtype}")
         if fp8 is not None and dtype != torch.bfloat16:
@@ -292,6 +326,7 @@ class FusedEncoder:
         self.prior = FoldedResNet(model.res_visual, dev, dtype) if model.has_prior else None
         self.prior_proj = (c(model.vision_proj_res.weight), c(model.vision_proj_res.bias)) if model.has_prior else None
         self.project_in_kernel = project_in_kernel
+        self.fused_norms = fused_norms
 
         self.token_embedding, self.text_pos = c(model.token_embedding.weight), c(model.positional_embedding)
         self.text_blocks = [BlockWeights.of(b, dev, dtype) for b in model.transformer.resblocks]
@@ -323,17 +358,13 @@ class FusedEncoder:
                 prior, proj = F.linear(prior, *proj), (None, None)
             x, order = stem_gate(patches, self.class_embedding, self.vis_pos, *self.ln_pre, prior, *proj, self.gate,
                                  self.dtype, "auto")  # [B, T+1, D], row 0 = prior
-        for blk in self.vis_blocks[:-1]:
-            x = block_forward(x, blk)
-        x = pruned_block(x, self.vis_blocks[-1])  # [B, D]: token 0, the pooled one
+        x = encoder_stack(x, self.vis_blocks, fused_norms=self.fused_norms)  # [B, D]: token 0, the pooled one
         feats = _ln(x, self.ln_post) @ self.vis_proj
         return F.normalize(feats.float(), dim=-1), order
 
     def _text_forward(self, tokens: torch.Tensor, eot: torch.Tensor) -> tuple[torch.Tensor]:
         x = F.embedding(tokens, self.token_embedding) + self.text_pos[: tokens.shape[1]]
-        for blk in self.text_blocks[:-1]:
-            x = block_forward(x, blk, causal=True)
-        x = pruned_block(x, self.text_blocks[-1], eot)  # [B, W]: the EOT row, the pooled one
+        x = encoder_stack(x, self.text_blocks, True, eot, self.fused_norms)  # [B, W]: the EOT row, the pooled one
         feats = _ln(x, self.ln_final) @ self.text_projection
         return (F.normalize(feats.float(), dim=-1),)
 

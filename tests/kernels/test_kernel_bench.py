@@ -24,6 +24,10 @@ def test_dry_run_checks_and_reports_every_variant(tmp_path):
         (t, b, v) for t in ("vit mlp in", "prior layer1 1x1 in") for b in (1, 2) for v in ("eager", "fused")}
     assert all("error" not in r and r["floor_us"] > 0 for r in quant)
     assert all(r["bytes_equal"] for r in quant if r["variant"] == "eager")  # the reference against itself
+    norms = [r for r in doc["rows"] if r["kernel"] == "add_layernorm"]
+    assert {(r["tensor"], r["batch"], r["variant"]) for r in norms} == {
+        (t, b, v) for t in ("vit stream", "text stream") for b in (1, 2) for v in ("eager", "fused")}
+    assert all("error" not in r and r["max_err"] < 0.05 for r in norms)  # bf16 output against float64
     rows = [r for r in doc["rows"] if r["kernel"] == "stem_gate"]
     variants = {"eager", "fused b64/w2", "fused b128/w4", "fused+proj", "op"}
     assert {(r["dtype"], r["batch"]) for r in rows} == {(d, b) for d in ("fp16", "fp32") for b in (1, 2)}
@@ -36,7 +40,7 @@ def test_dry_run_checks_and_reports_every_variant(tmp_path):
         assert r["call_us"] > 0 and r["graph_us"] is None and r["floor_us"] > 0 and r["x_floor"] > 0
         assert r["speedup_vs_eager"] > 0
     md = (tmp_path / "kernels.md").read_text()
-    assert "Dry run" in md and "fused+proj" in md and "prior layer1 1x1 in" in md
+    assert "Dry run" in md and "fused+proj" in md and "prior layer1 1x1 in" in md and "Residual add" in md
 
 
 def test_floor_bytes_counts_the_compulsory_traffic():

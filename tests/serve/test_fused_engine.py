@@ -68,6 +68,17 @@ def test_projection_before_the_gate_gives_the_same_images(tiny, ref, pixels):
     assert (emb - want).abs().max().item() <= TOL and torch.equal(order, want_order)
 
 
+def test_fused_norms_is_the_same_maths(tiny, fused, pixels):
+    """fused_norms=True regroups each residual add with the LayerNorm after it; off CUDA the add_layernorm reference
+    runs the same ops in the same order, so the embeddings are bit-identical, images and texts."""
+    enc = FusedEncoder(tiny, "cpu", torch.float32, fused_norms=True)
+    a, oa = enc.encode_images_with_order(pixels)
+    b, ob = fused.encode_images_with_order(pixels)
+    assert torch.equal(a, b) and torch.equal(oa, ob)
+    tokens = tokenize(CAPTIONS)
+    assert torch.equal(enc.encode_texts(tokens), fused.encode_texts(tokens))
+
+
 def test_texts_match_the_fp32_reference(fused, ref):
     tokens = tokenize(CAPTIONS)
     assert tokens.argmax(dim=1)[-1] == 76
