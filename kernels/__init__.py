@@ -1,7 +1,7 @@
 """Fused kernels, each beside its plain-torch reference with the same signature (``priorclip.kernels``).
 
 - ``belief_gate``: the ViT stem epilogue and PriorCLIP's soft belief gate (spec §8B.1), op ``priorclip::stem_gate``;
-- ``fp8_quant``: static-scale e4m3 activation quantisation for the fused engine's FP8 GEMMs, ``priorclip::quantize_fp8``;
+- ``fp8_quant``: static-scale e4m3 activation quantisation for the fused FP8 GEMMs, ``priorclip::quantize_fp8``;
 - ``add_layernorm``: a residual add with the LayerNorm after it, ``priorclip::add_layernorm`` (a candidate).
 
 Each has a dispatcher (fused on CUDA at inference, the reference elsewhere); the Triton kernels live in the
