@@ -191,7 +191,7 @@ q_finish
 def test_q1_speed_dry_run(slice_dir, tmp_path):
     env = _env(tmp_path, DATA=slice_dir, EAGER_ENGINES="torch:fp32,torch:bf16", COMPILED_ENGINES="torch:fp32",
                FUSED_ENGINES="fused:fp32", AOTI_ENGINES="", PRIORCLIP_GIT_REVISION="abc123",
-               KBENCH_ARGS="--batches 2 --dtypes fp32 --shape 9,40,24 --iters 1 --configs 64:2")
+               KBENCH_ARGS="--batches 2 --dtypes fp32 --shape 9,40,24 --iters 1 --configs 64:2 --no-fp8")
     r = subprocess.run(["bash", str(GPU / "q1-speed.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     out = tmp_path / "out"
