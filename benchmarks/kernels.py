@@ -389,6 +389,8 @@ def main(out_dir: str, device: str, batches: str, dtypes: str, shape: str, iters
          configs: str, no_fp8: bool) -> None:
     """Time the fused kernels against eager PyTorch, torch.compile and the memory floor."""
     dev = torch.device(device)
+    if not bg._triton_importable():
+        raise click.ClickException("triton is not installed: pip install triton (this benchmark times Triton kernels)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise click.ClickException(
             "no CUDA device: run on a GPU, or pass --device cpu for a dry run under the Triton interpreter")

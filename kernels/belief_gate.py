@@ -193,6 +193,23 @@ if torch.cuda.is_available() and _triton_importable():
     importlib.import_module("priorclip.kernels.belief_gate_triton")  # defines torch.ops.priorclip.stem_gate
 
 
+def _check_stem_gate_shapes(patches, class_embedding, positional_embedding, ln_weight, ln_bias, prior, proj_weight,
+                            proj_bias) -> None:
+    """One error line for inconsistent shapes: the kernel indexes raw pointers, so it must never see them."""
+    b, n, d = patches.shape if patches.dim() == 3 else (None, None, None)
+    p = prior.shape[-1] if proj_weight is not None else d
+    ok = (b is not None and prior.dim() == 2 and prior.shape == (b, p) and positional_embedding.shape == (n + 1, d)
+          and all(t.shape == (d,) for t in (class_embedding, ln_weight, ln_bias))
+          and (proj_weight is None or (proj_weight.shape == (d, p) and (proj_bias is None or proj_bias.shape == (d,)))))
+    if not ok:
+        raise ValueError(
+            "stem_gate expects patches [B,N,D], class_embedding/ln_weight/ln_bias [D], positional_embedding [N+1,D], "
+            "prior [B,P] with proj_weight [D,P] (proj_bias [D]) or prior [B,D] without; got "
+            + ", ".join(f"{k} {None if t is None else tuple(t.shape)}" for k, t in (
+                ("patches", patches), ("positional_embedding", positional_embedding), ("prior", prior),
+                ("proj_weight", proj_weight))))
+
+
 def stem_gate(
     patches: torch.Tensor,
     class_embedding: torch.Tensor,
@@ -212,12 +229,8 @@ def stem_gate(
     Same arguments and results as the reference (``kernels="reference"`` forces it). The fused path goes through
     the ``priorclip::stem_gate`` op, so ``torch.compile`` and AOTInductor keep it whole.
     """
-    b, n, d = patches.shape if patches.dim() == 3 else (None, None, None)
-    if b is None or prior.dim() != 2 or prior.shape[0] != b or positional_embedding.shape != (n + 1, d):
-        raise ValueError(
-            f"stem_gate expects patches [B,N,D], positional_embedding [N+1,D] and prior [B,P], got "
-            f"{tuple(patches.shape)}, {tuple(positional_embedding.shape)} and {tuple(prior.shape)}"
-        )
+    _check_stem_gate_shapes(patches, class_embedding, positional_embedding, ln_weight, ln_bias, prior, proj_weight,
+                            proj_bias)
     if variant not in (GATE_BELIEF_PLUS_RANK, GATE_DOUBLE_BELIEF):
         raise ValueError(f"unknown gate variant {variant!r}")
     if not fused_enabled(patches, prior, class_embedding, positional_embedding, ln_weight, ln_bias, proj_weight,

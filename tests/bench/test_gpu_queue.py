@@ -48,6 +48,17 @@ def _env(tmp_path: Path, **kw) -> dict:
     return env
 
 
+def dry_run(entry: str, env: dict) -> tuple[subprocess.CompletedProcess, Path, dict]:
+    """Run queue entry ``entry`` (e.g. "q1-speed") on CPU: it must succeed and leave exactly its three files.
+    Returns (the process, $OUT, the status document)."""
+    r = subprocess.run(["bash", str(GPU / f"{entry}.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    out = Path(env["OUT"])
+    assert sorted(p.name for p in out.iterdir()) == [f"{entry}-{k}" for k in ("results.tar.gz", "status.json",
+                                                                              "summary.md")]  # at most 8 come back
+    return r, out, json.loads((out / f"{entry}-status.json").read_text())
+
+
 def _results(out: Path, entry: str) -> dict[str, bytes]:
     """The files of the entry's results archive, by path."""
     with tarfile.open(out / f"{entry}-results.tar.gz") as tar:
@@ -192,13 +203,7 @@ def test_q1_speed_dry_run(slice_dir, tmp_path):
     env = _env(tmp_path, DATA=slice_dir, EAGER_ENGINES="torch:fp32,torch:bf16", COMPILED_ENGINES="torch:fp32",
                FUSED_ENGINES="fused:fp32", AOTI_ENGINES="", PRIORCLIP_GIT_REVISION="abc123",
                KBENCH_ARGS="--batches 2 --dtypes fp32 --shape 9,40,24 --iters 1 --configs 64:2 --no-fp8")
-    r = subprocess.run(["bash", str(GPU / "q1-speed.sh")], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["q1-speed-results.tar.gz", "q1-speed-status.json",
-                                                      "q1-speed-summary.md"]  # at most 8 files come back
-    status = json.loads((out / "q1-speed-status.json").read_text())
-    states = {s["name"]: s["state"] for s in status["steps"]}
+    r, out, status = dry_run("q1-speed", env)
     assert [(s["name"], s["state"]) for s in status["steps"]] == [
         ("eager", "ok"), ("kernels", "ok"), ("kbench", "ok"), ("fused", "ok"), ("compiled", "ok"), ("tf32", "ok"),
         ("aoti", "skipped")]
@@ -248,12 +253,7 @@ def test_q4_autotune_dry_run(slice_dir, tmp_path):
     """Entry 4 on CPU with the tiny model: one bench step, fused first, real captions, the compile mode recorded
     (torch stands in for torch.compile here: max-autotune on a CPU would take minutes)."""
     env = _env(tmp_path, DATA=slice_dir, Q4_ENGINES="fused:fp32,torch:fp32", PRIORCLIP_GIT_REVISION="abc123")
-    r = subprocess.run(["bash", str(GPU / "q4-autotune.sh")], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["q4-autotune-results.tar.gz", "q4-autotune-status.json",
-                                                      "q4-autotune-summary.md"]
-    status = json.loads((out / "q4-autotune-status.json").read_text())
+    _, out, status = dry_run("q4-autotune", env)
     assert [(s["name"], s["state"]) for s in status["steps"]] == [("bench", "ok")]
     bench = _one(_results(out, "q4-autotune"), "results/bench/bench-cpu-autotune-", ".json")
     assert [(e["backend"], e["precision"], e["status"]) for e in bench["engines"]] == [
@@ -262,14 +262,11 @@ def test_q4_autotune_dry_run(slice_dir, tmp_path):
     assert bench["config"]["batch_sizes"] == [4]
 
 
-def test_calls_prints_entry_4(tmp_path):
-    r = subprocess.run([sys.executable, str(GPU / "calls.py"), "4", "--revision", "abc"], capture_output=True, text=True)
-    if r.returncode == 2:  # the staged slice or wheels are not here: the errors say which, one line each
-        assert all(line.startswith("Error: ") for line in r.stderr.splitlines()), r.stderr
-        return
-    call = json.loads(r.stdout.strip().splitlines()[-1])
-    assert call["command"] == "PRIORCLIP_GIT_REVISION=abc bash benchmarks/gpu/q4-autotune.sh"
-    assert call["carry"] == [".bench-data", ".whl"] and call["timeout_s"] == 540
+def test_calls_plans_entry_4():
+    calls = _module("calls")
+    (call,) = calls.plan("4", "abc")
+    assert call == {"carry": [".bench-data", ".whl"], "timeout_s": calls.RUN_TIMEOUT_S,
+                    "command": "PRIORCLIP_GIT_REVISION=abc bash benchmarks/gpu/q4-autotune.sh"}
 
 
 def test_q1_errors_are_one_line(slice_dir, tmp_path):
@@ -358,11 +355,7 @@ def test_q3_ort_dry_run(slice_dir, tmp_path):
     chunks, names = _chunk([wheel], tmp_path, part_bytes=wheel.stat().st_size // 3 + 1)
     env = _env(tmp_path, DATA=slice_dir, NAMES=names, CHUNKS_DIR=chunks, ENGINES="onnxruntime:fp16",
                EXPORT_VARIANTS="fp16")
-    r = subprocess.run(["bash", str(GPU / "q3-ort-cuda.sh")], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    out = tmp_path / "out"
-    assert len(list(out.iterdir())) == 3
-    status = json.loads((out / "q3-ort-cuda-status.json").read_text())
+    _, out, status = dry_run("q3-ort-cuda", env)
     assert [(s["name"], s["state"]) for s in status["steps"]] == [
         ("wheels", "ok"), ("preflight", "ok"), ("bench", "ok"), ("export-fp16", "ok")]
     assert all(s["note"] is None for s in status["steps"])  # no engine failed

@@ -161,6 +161,12 @@ def test_dispatcher_refuses_bad_inputs():
         bg.stem_gate(**dict(kw, positional_embedding=kw["positional_embedding"][:-1]))
     with pytest.raises(ValueError, match="stem_gate expects"):
         bg.stem_gate(**dict(kw, patches=kw["patches"][0]))
+    with pytest.raises(ValueError, match=r"proj_weight \(16, 7\)"):  # [D, P] that does not match the prior's P
+        bg.stem_gate(**dict(kw, proj_weight=kw["proj_weight"][:, :7]))
+    with pytest.raises(ValueError, match="stem_gate expects"):
+        bg.stem_gate(**dict(kw, ln_weight=kw["ln_weight"][:-1]))
+    with pytest.raises(ValueError, match="stem_gate expects"):  # no projection: the prior must be [B, D] already
+        bg.stem_gate(**dict(kw, proj_weight=None, proj_bias=None))
     with pytest.raises(ValueError, match="unknown gate variant"):
         bg.stem_gate(**kw, variant="3belief")
     with pytest.raises(ValueError, match="kernels must be one of"):

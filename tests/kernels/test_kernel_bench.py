@@ -63,3 +63,11 @@ def test_bad_options_are_one_line_errors(tmp_path):
     if not torch.cuda.is_available():
         res = CliRunner().invoke(main, ["--out", str(tmp_path), "--device", "cuda"])
         assert res.exit_code != 0 and "no CUDA device" in res.output
+
+
+def test_missing_triton_is_one_line(tmp_path, monkeypatch):
+    from priorclip.kernels import belief_gate as bg
+
+    monkeypatch.setattr(bg, "_TRITON", False)
+    res = CliRunner().invoke(main, ["--out", str(tmp_path), *TINY])
+    assert res.exit_code != 0 and "triton is not installed" in res.output and "Traceback" not in res.output

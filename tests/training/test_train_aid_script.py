@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bench.test_gpu_queue import dry_run
 from tests.training.conftest import make_tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,12 +64,7 @@ def test_staged_parts(staged):
 def test_q2_train_dry_run(staged, tmp_path):
     manifest = _copy_parts(staged, tmp_path / "dparts")
     env = _env(tmp_path, MANIFEST=manifest, INT8_MIN_S="100000", PRIORCLIP_GIT_REVISION="rev42")
-    r = subprocess.run(["bash", str(GPU / "q2-train.sh")], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["q2-train-results.tar.gz", "q2-train-status.json",
-                                                      "q2-train-summary.md"]
-    status = json.loads((out / "q2-train-status.json").read_text())
+    _, out, status = dry_run("q2-train", env)
     steps = {s["name"]: s for s in status["steps"]}
     assert [s["name"] for s in status["steps"]] == ["data", "prior", "priorclip", "clip", "parity", "int8", "report"]
     assert all(steps[n]["state"] == "ok" for n in ("data", "prior", "priorclip", "clip", "parity", "report"))
