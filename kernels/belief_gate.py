@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -223,11 +224,14 @@ def stem_gate(
     variant: str = GATE_BELIEF_PLUS_RANK,
     out_dtype: torch.dtype | None = None,
     kernels: str = "auto",
+    reference: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatcher: the fused Triton kernel where :func:`fused_enabled`, else :func:`stem_gate_reference`.
 
     Same arguments and results as the reference (``kernels="reference"`` forces it). The fused path goes through
-    the ``priorclip::stem_gate`` op, so ``torch.compile`` and AOTInductor keep it whole.
+    the ``priorclip::stem_gate`` op, so ``torch.compile`` and AOTInductor keep it whole. ``reference``: the caller's
+    own computation of the same maths (the model runs it through its modules), used instead of
+    :func:`stem_gate_reference` where the kernel does not apply.
     """
     _check_stem_gate_shapes(patches, class_embedding, positional_embedding, ln_weight, ln_bias, prior, proj_weight,
                             proj_bias)
@@ -235,6 +239,8 @@ def stem_gate(
         raise ValueError(f"unknown gate variant {variant!r}")
     if not fused_enabled(patches, prior, class_embedding, positional_embedding, ln_weight, ln_bias, proj_weight,
                          proj_bias, kernels=kernels):
+        if reference is not None:
+            return reference()
         return stem_gate_reference(patches, class_embedding, positional_embedding, ln_weight, ln_bias, ln_eps,
                                    prior, proj_weight, proj_bias, variant, out_dtype)
     from priorclip.kernels.belief_gate_triton import stem_gate_op

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from priorclip.config import GATE_BELIEF_PLUS_RANK, VisionConfig
-from priorclip.kernels.belief_gate import belief_gate, fused_enabled, stem_gate
+from priorclip.kernels.belief_gate import belief_gate, stem_gate
 from priorclip.layers.transformer import Transformer
 
 
@@ -74,9 +74,10 @@ class VisionTransformer(nn.Module):
     def _gated_stem(self, pixels, prior_token, prior_features, prior_proj, kernels):
         """The prior token, then the gated stem tokens [B, T+1, D], and the belief order.
 
-        The fused kernel (``priorclip.kernels.belief_gate``) where it runs; otherwise the reference through this
-        model's own modules, so ``ln_pre`` and ``vision_proj_res`` keep their hooks and their scopes in exported
-        graphs (INT8 keep-float patterns name them). Both compute ``stem_gate_reference``'s maths (tested)."""
+        Through the dispatcher: the fused kernel (``priorclip.kernels.belief_gate``) where it runs; otherwise the
+        reference through this model's own modules, so ``ln_pre`` and ``vision_proj_res`` keep their hooks and their
+        scopes in exported graphs (INT8 keep-float patterns name them). Both compute ``stem_gate_reference``'s maths
+        (tested)."""
         patches = self.patch_tokens(pixels)  # [B, g*g, D]
         # Under autocast the fp32 residual stream is what the reference runs; otherwise follow the weights.
         out_dtype = None if _autocast_enabled(pixels.device.type) else self.conv1.weight.dtype
@@ -84,10 +85,13 @@ class VisionTransformer(nn.Module):
             prior, w, b = prior_token[:, 0], None, None
         else:
             prior, w, b = prior_features, prior_proj.weight, prior_proj.bias
-        if fused_enabled(patches, prior, w, b, self.ln_pre.weight, self.class_embedding, kernels=kernels):
-            return stem_gate(patches, self.class_embedding, self.positional_embedding, self.ln_pre.weight,
-                             self.ln_pre.bias, self.ln_pre.eps, prior, w, b, self.gate, out_dtype, kernels)
-        y = prior_token if prior_token is not None else prior_proj(prior_features).unsqueeze(1)  # [B, 1, D]
-        x, order = belief_gate(self._embed(patches), y, self.gate, return_order=True)  # [B, T, D] float32
-        x = torch.cat([y.to(x.dtype), x], dim=1)
-        return (x if out_dtype is None else x.to(out_dtype)), order
+
+        def through_modules():
+            y = prior_token if prior_token is not None else prior_proj(prior_features).unsqueeze(1)  # [B, 1, D]
+            x, order = belief_gate(self._embed(patches), y, self.gate, return_order=True)  # [B, T, D] float32
+            x = torch.cat([y.to(x.dtype), x], dim=1)
+            return (x if out_dtype is None else x.to(out_dtype)), order
+
+        return stem_gate(patches, self.class_embedding, self.positional_embedding, self.ln_pre.weight,
+                         self.ln_pre.bias, self.ln_pre.eps, prior, w, b, self.gate, out_dtype, kernels,
+                         reference=through_modules)
