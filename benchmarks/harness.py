@@ -44,7 +44,7 @@ import torch
 from priorclip.config import ModelConfig
 from priorclip.profile import _count
 from priorclip.serve.engines import Engine
-from priorclip.transforms import EvalTransform, open_image
+from priorclip.transforms import EvalTransform
 
 TOWERS = ("image", "text")
 
@@ -402,7 +402,7 @@ def make_jpegs(n: int, size: int = 256, seed: int = 0) -> list[bytes]:
 
 
 def _decode(transform: EvalTransform, data: bytes) -> torch.Tensor:
-    return transform(open_image(data))
+    return transform.load(data)  # the product's read path: pixel limit, JPEG draft decode, one DataError line
 
 
 def decode_rate(jpegs: Sequence[bytes], image_size: int, workers: int) -> float:

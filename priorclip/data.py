@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from priorclip.errors import DataError
-from priorclip.transforms import IMAGE_SUFFIXES
+from priorclip.transforms import image_suffixes
 
 
 @dataclass
@@ -227,15 +227,37 @@ def read_karpathy_entries(json_path: Path, image_root: Path) -> list[dict]:
     return entries
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; raises :class:`DataError` if there are none."""
+@dataclass
+class ImageListing:
+    """What :func:`list_images` found: the image files, and the other files it left out with the reason."""
+
+    files: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def list_images(folder: str | Path) -> ImageListing:
+    """Files directly inside ``folder`` in a format PIL decodes (by suffix: :func:`priorclip.transforms.image_suffixes`,
+    GIF and TIFF included), sorted by name; every other file is named in ``skipped`` (world files, READMEs, ...).
+
+    Only the suffix is looked at: a listed file that does not decode fails (or is skipped) where it is read. Sub-folders
+    are not entered. Raises :class:`DataError` if the folder is missing or holds no image file.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    suffixes = image_suffixes()
+    files, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file():
+            continue
+        if p.suffix.lower() in suffixes:
+            files.append(p)
+        else:
+            skipped.append((p, f"not an image format PIL reads ({p.suffix or 'no suffix'})"))
     if not files:
-        raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    return files
+        seen = f"; {len(skipped)} other files, e.g. {skipped[0][0].name}" if skipped else ""
+        raise DataError(f"no image files (any format PIL reads: .jpg, .png, .tif, .gif, ...) in {folder}{seen}")
+    return ImageListing(files, skipped)
 
 
 def read_captions(path: str | Path) -> list[str]:
