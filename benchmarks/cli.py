@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from priorclip.cliutils import ensure_writable_dir, image_count, model_options, user_errors, write_json
+from priorclip.cliutils import check_output_dir, image_count, model_options, user_errors, write_json, write_text
 from priorclip.errors import PriorCLIPError
 
 
@@ -243,7 +243,9 @@ def main(
     engines = parse_engines(engines_spec) if engines_spec else None
     if engines and (backends or precisions):
         raise PriorCLIPError("give either --engines or --backends/--precisions, not both")
-    ensure_writable_dir(out)
+    # checked before the run, created by the first report written (atomic_write): a run that fails before it leaves
+    # no empty --out folder behind
+    check_output_dir(out, option="--out")
     opts = BenchOptions(
         model_name=model_name,
         checkpoint=checkpoint,
@@ -289,7 +291,7 @@ def main(
             files.update(json=out / f"{stem}.json", md=out / f"{stem}.md", png=out / f"{stem}.png")
         write_json(files["json"], doc)
         png = render_plot(doc, files["png"])
-        files["md"].write_text(render_markdown(doc, png.name if png else None), encoding="utf-8")
+        write_text(files["md"], render_markdown(doc, png.name if png else None))
 
     doc = run_bench(opts, argv=sys.argv, log=log, checkpoint=write)
     write(doc)

@@ -898,7 +898,11 @@ def render_plot(doc: dict, path: Path) -> Path | None:
     env = doc["environment"]
     fig.suptitle(f"{doc['config']['model']} on {env['device_name']} ({env['date_utc'][:10]})", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from priorclip.cliutils import atomic_write
+
+    try:
+        with atomic_write(path) as tmp:  # the report is rewritten during the run: never a half-written PNG
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
-from priorclip.cliutils import ensure_writable_dir, write_json
+from priorclip.cliutils import check_output_dir, output_dir, write_json, write_text
 from priorclip.errors import PriorCLIPError
 
 from . import fp16 as _fp16
@@ -87,11 +87,11 @@ def _image_batches(paths: list[Path], size: int) -> Iterator[np.ndarray]:
 
 
 def _text_batches(captions: list[str], context_length: int) -> Iterator[np.ndarray]:
-    from priorclip.tokenizer import get_tokenizer
+    from priorclip.tokenizer import clip_tokenizer
 
     from .engines import trim_tokens
 
-    tok = get_tokenizer(context_length)
+    tok = clip_tokenizer(context_length)
     for s in range(0, len(captions), CALIB_BATCH):
         yield trim_tokens(tok(list(captions[s : s + CALIB_BATCH]))).numpy().astype(np.int64)
 
@@ -230,7 +230,7 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
                           "--format trt needs --int8-target tensorrt")
     if precision == "int8" and keep_fp is not None:
         _check_keep_fp(model, keep_fp)
-    out_dir = ensure_writable_dir(out_dir)
+    out_dir = check_output_dir(out_dir)  # before any work; created below, and removed again if the export fails
     model = _cpu_fp32(model)
     cfg = model.cfg
     manifest: dict[str, Any] = {
@@ -263,68 +263,72 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
             "memory_budget_bytes": _q.CALIB_MEMORY_BUDGET,
             "table": "calibration.json",
         }
-    files: dict[str, Path] = {}
-    if format in ("onnx", "trt"):
-        paths, info = _export_onnx(model, out_dir, precision, calib, calib_method, opset, max_batch, keep_fp,
-                                   fp16_keep_ops, fp16_keep_patterns, progress, stats_cache, int8_target)
-        files.update(paths)
-        manifest["opset"] = max(info["opset"].values())
-        manifest["onnx"] = info
-        if precision == "int8":
-            manifest["calibration"]["layers"] = info["calibration_tables"]
-    else:
-        from .aoti import export_aoti
+    with output_dir(out_dir):  # a failed export leaves no empty folder behind (a folder that existed is kept)
+        # The manifest is what makes a folder an export (open_engine reads it) and is written last: drop an earlier
+        # export's first, so an export cut off while rewriting the graphs never passes for a complete one.
+        (out_dir / "manifest.json").unlink(missing_ok=True)
+        files: dict[str, Path] = {}
+        if format in ("onnx", "trt"):
+            paths, info = _export_onnx(model, out_dir, precision, calib, calib_method, opset, max_batch, keep_fp,
+                                       fp16_keep_ops, fp16_keep_patterns, progress, stats_cache, int8_target)
+            files.update(paths)
+            manifest["opset"] = max(info["opset"].values())
+            manifest["onnx"] = info
+            if precision == "int8":
+                manifest["calibration"]["layers"] = info["calibration_tables"]
+        else:
+            from .aoti import export_aoti
 
-        _log(progress, f"compiling AOTInductor packages for {device} ({precision})")
-        files.update(export_aoti(model, out_dir, precision, max_batch, device))
-        manifest["opset"] = None
-        manifest["aoti"] = {"device": torch.device(device).type, "precision": precision}
-    manifest["files"] = {t: p.name for t, p in files.items()}
+            _log(progress, f"compiling AOTInductor packages for {device} ({precision})")
+            files.update(export_aoti(model, out_dir, precision, max_batch, device))
+            manifest["opset"] = None
+            manifest["aoti"] = {"device": torch.device(device).type, "precision": precision}
+        manifest["files"] = {t: p.name for t, p in files.items()}
 
-    if format == "trt":
-        from . import tensorrt as _trt
+        if format == "trt":
+            from . import tensorrt as _trt
 
-        shapes = {t: _trt.profile_shapes(t, cfg.vision.image_size, cfg.text.context_length, max_batch, opt_batch)
-                  for t in ("image", "text")}
-        manifest["tensorrt"] = {
-            "network": "strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED); precision from the ONNX, "
-                       "no FP16/INT8 builder flags, no calibrator",
-            "profiles": {t: {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in s.items()}
-                         for t, s in shapes.items()},
-            "timing_cache": "timing.cache",
-            "engines": None,
-        }
-        try:
-            trt = _trt.import_tensorrt()
-        except _trt.TensorRTMissing as e:
-            manifest["tensorrt"]["status"] = f"not built: {e}"
-            write_json(out_dir / "manifest.json", manifest)
-            raise _trt.TensorRTMissing(f"{e}. The ONNX it would consume is written to {out_dir}") from None
-        engines = {}
-        for t in ("image", "text"):
-            _log(progress, f"building the TensorRT {t} engine")
-            built = _trt.build_engine(files[t], out_dir / f"{t}_encoder.plan", shapes[t], out_dir / "timing.cache",
-                                      trt=trt, tf32=precision != "fp32")
-            engines[t] = built["plan"]
-            manifest["tensorrt"].setdefault("builds", {})[t] = built
-        manifest["tensorrt"]["engines"] = engines
-        manifest["tensorrt"]["status"] = "built"
+            shapes = {t: _trt.profile_shapes(t, cfg.vision.image_size, cfg.text.context_length, max_batch, opt_batch)
+                      for t in ("image", "text")}
+            manifest["tensorrt"] = {
+                "network": "strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED); precision from the ONNX, "
+                           "no FP16/INT8 builder flags, no calibrator",
+                "profiles": {t: {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in s.items()}
+                             for t, s in shapes.items()},
+                "timing_cache": "timing.cache",
+                "engines": None,
+            }
+            try:
+                trt = _trt.import_tensorrt()
+            except _trt.TensorRTMissing as e:
+                manifest["tensorrt"]["status"] = f"not built: {e}"
+                write_json(out_dir / "manifest.json", manifest)
+                raise _trt.TensorRTMissing(f"{e}. The ONNX it would consume is written to {out_dir}") from None
+            engines = {}
+            for t in ("image", "text"):
+                _log(progress, f"building the TensorRT {t} engine")
+                built = _trt.build_engine(files[t], out_dir / f"{t}_encoder.plan", shapes[t], out_dir / "timing.cache",
+                                          trt=trt, tf32=precision != "fp32")
+                engines[t] = built["plan"]
+                manifest["tensorrt"].setdefault("builds", {})[t] = built
+            manifest["tensorrt"]["engines"] = engines
+            manifest["tensorrt"]["status"] = "built"
 
-    write_json(out_dir / "manifest.json", manifest)
-    parity = None
-    if parity_set is not None:
-        parity = run_parity(model, out_dir, manifest, parity_set, device, parity_batch_size, progress,
-                            reference_embeddings)
-        manifest["parity"] = {"file": "parity.json", "passed": parity["passed"], "failures": parity["failures"],
-                              "n_images": parity["n_images"], "n_captions": parity["n_captions"],
-                              "dataset": parity["dataset"]["coverage"], "notes": parity["notes"]}
         write_json(out_dir / "manifest.json", manifest)
-        if not parity["passed"] and not force:
-            err = ExportError(f"parity outside the {precision} tolerance: {'; '.join(parity['failures'])} "
-                              f"(see {out_dir / 'parity.json'}; --force keeps it)")
-            err.parity = parity  # callers that report it (priorclip-bench) need not re-read parity.json
-            raise err
-    return ExportResult(out_dir, manifest, parity, files)
+        parity = None
+        if parity_set is not None:
+            parity = run_parity(model, out_dir, manifest, parity_set, device, parity_batch_size, progress,
+                                reference_embeddings)
+            manifest["parity"] = {"file": "parity.json", "passed": parity["passed"], "failures": parity["failures"],
+                                  "n_images": parity["n_images"], "n_captions": parity["n_captions"],
+                                  "dataset": parity["dataset"]["coverage"], "notes": parity["notes"]}
+            write_json(out_dir / "manifest.json", manifest)
+            if not parity["passed"] and not force:
+                err = ExportError(f"parity outside the {precision} tolerance: {'; '.join(parity['failures'])} "
+                                  f"(see {out_dir / 'parity.json'}; --force keeps it)")
+                err.parity = parity  # callers that report it (priorclip-bench) need not re-read parity.json
+                raise err
+        return ExportResult(out_dir, manifest, parity, files)
 
 
 def run_parity(model, out_dir: Path, manifest: dict, parity_set, device: str, batch_size: int,
@@ -365,7 +369,7 @@ def run_parity(model, out_dir: Path, manifest: dict, parity_set, device: str, ba
     table = (f"Parity set: {d['coverage']}, {d['n_captions']} captions"
              + (f"; {d['selection']['source']}" if d.get("selection", {}).get("source") else "") + "\n\n"
              + format_parity_table({f"{name} ({report['engine']})": report}))
-    (out_dir / "parity.md").write_text(table, encoding="utf-8")
+    write_text(out_dir / "parity.md", table)
     if progress:
         print(table, flush=True)
     return report

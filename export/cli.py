@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from priorclip.cliutils import build_model, image_count, model_options, user_errors
+from priorclip.cliutils import build_model, check_output_dir, image_count, model_options, user_errors
 from priorclip.errors import DataError, PriorCLIPError
 from priorclip.parity import JUDGED_SET_IMAGES
 
@@ -35,19 +35,31 @@ def load_calibration(path: Path, image_root: Path | None, split: str, n_images: 
     """``--calib-data``: a Karpathy JSON (its ``split``) or a folder of images with an optional captions file.
 
     Images (and a JSON's captions, by their image) are drawn spread over the scene classes, deterministically:
-    files sort by class, so the first N would calibrate on one class.
+    files sort by class, so the first N would calibrate on one class. A folder's images are every format PIL reads;
+    its other files are named in a note and left out.
+
+    Every drawn image is decode-checked here (pixel limit from the header, then a reduced-scale decode that still
+    reads the whole file), seconds before the minutes-long fp32 export. Unreadable ones are left out, each named on
+    stderr with the reason; if fewer than half of the drawn images remain, it raises :class:`DataError` instead
+    (that many bad files means the wrong folder or --image-root, not a few damaged tiles).
     """
     from priorclip.data import describe_selection, image_label, list_images, read_captions, spread
+    from priorclip.transforms import check_image
 
     from .api import CalibrationSet
 
     if not path.exists():
         raise DataError(f"calibration data not found: {path}")
     if path.is_dir():
-        images = list_images(path)  # DataError when the folder has no images
+        listing = list_images(path)  # DataError when the folder has no images
+        images = listing.files
         caps_file = next((path / n for n in ("captions.txt", "captions.json") if (path / n).is_file()), None)
         if caps_file is None:
             raise DataError(f"{path}: no captions.txt or captions.json for the text encoder's calibration")
+        others = [p.name for p, _ in listing.skipped if p != caps_file]
+        if others:
+            click.echo(f"note: calibration folder {path}: left out {len(others)} files that are not images PIL "
+                       f"reads ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''})", err=True)
         captions = read_captions(caps_file)
         picked = spread(images, [image_label(p) for p in images], n_images, seed)
         # captions of a folder belong to no class: the spread over one label per caption is a seeded random draw
@@ -57,8 +69,22 @@ def load_calibration(path: Path, image_root: Path | None, split: str, n_images: 
     else:
         picked, captions, cover = _karpathy(path, image_root, split).spread_draw(n_images, n_captions, seed)
         source = f"{path} (split {split})"
-    return CalibrationSet(picked, captions, f"{source}: {cover['coverage']} (class-spread seed {seed}), "
-                                            f"{len(captions)} captions")
+    good, bad = [], []
+    for p in picked:
+        try:
+            check_image(p, draft_size=1)  # draft_size=1: a large JPEG decodes at 1/8 scale, all its data still read
+            good.append(p)
+        except DataError as e:
+            bad.append(p)
+            click.echo(f"note: calibration image left out: {e}", err=True)
+    if 2 * len(good) < len(picked):
+        raise DataError(f"{source}: only {len(good)} of the {len(picked)} calibration images drawn can be read "
+                        f"(first failure above); check --calib-data / --image-root")
+    if bad:
+        cover = describe_selection([image_label(p) for p in good], selection=cover.get("selection"))
+    dropped = f", {len(bad)} unreadable left out" if bad else ""
+    return CalibrationSet(good, captions, f"{source}: {cover['coverage']} (class-spread seed {seed}{dropped}), "
+                                          f"{len(captions)} captions")
 
 
 def load_parity_set(parity_data: Path | None, image_root: Path | None, split: str, n_images: int | None):
@@ -163,6 +189,7 @@ def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method,
 
     if checkpoint is not None and not checkpoint.is_file():
         raise PriorCLIPError(f"checkpoint not found: {checkpoint}")
+    check_output_dir(out_dir, option="--out")  # before calibration, parity set and model: nothing is created yet
     if precision == "int8" and fmt == "aoti":
         raise PriorCLIPError("--format aoti supports --precision fp32 or fp16 (INT8 is for onnx and trt)")
     calib = None

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from priorclip.cliutils import output_dir
+
 from .graph import check_model
 
 OPSET = 18
@@ -171,21 +173,21 @@ def export_onnx_fp32(model: nn.Module, out_dir: Path, opset: int = OPSET, max_ba
                      towers: tuple[str, ...] = ("image", "text")) -> dict[str, Path]:
     """Write ``image_encoder.onnx`` and ``text_encoder.onnx`` (fp32) under ``out_dir`` and check them in full."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval().float().cpu()
-    pixels, tokens = example_inputs(model)
-    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
-    length = torch.export.Dim("length", min=MIN_TEXT_LEN, max=model.cfg.text.context_length)
-    paths: dict[str, Path] = {}
-    with reference_kernels(), torch.no_grad():
-        if "image" in towers:
-            paths["image"] = out_dir / "image_encoder.onnx"
-            _quiet_export(ImageEncoder(model), (pixels,), paths["image"], IMAGE_INPUT, {0: batch}, opset,
-                          image_output_names(model))
-        if "text" in towers:
-            paths["text"] = out_dir / "text_encoder.onnx"
-            _quiet_export(TextEncoder(model), (tokens,), paths["text"], TEXT_INPUT, {0: batch, 1: length}, opset,
-                          [OUTPUT])
-    for p in paths.values():
-        check_model(p)
+    with output_dir(out_dir):  # removed again if the export fails before writing there
+        model = model.eval().float().cpu()
+        pixels, tokens = example_inputs(model)
+        batch = torch.export.Dim("batch", min=1, max=max(2, max_batch))
+        length = torch.export.Dim("length", min=MIN_TEXT_LEN, max=model.cfg.text.context_length)
+        paths: dict[str, Path] = {}
+        with reference_kernels(), torch.no_grad():
+            if "image" in towers:
+                paths["image"] = out_dir / "image_encoder.onnx"
+                _quiet_export(ImageEncoder(model), (pixels,), paths["image"], IMAGE_INPUT, {0: batch}, opset,
+                              image_output_names(model))
+            if "text" in towers:
+                paths["text"] = out_dir / "text_encoder.onnx"
+                _quiet_export(TextEncoder(model), (tokens,), paths["text"], TEXT_INPUT, {0: batch, 1: length}, opset,
+                              [OUTPUT])
+        for p in paths.values():
+            check_model(p)
     return paths

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
-import json
 import platform
 import shlex
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 import click
 import torch
 
-from priorclip.cliutils import build_model, model_options, user_errors
+from priorclip.cliutils import build_model, check_output_dir, model_options, user_errors, write_json, write_text
 from priorclip.errors import DataError
 from priorclip.parity import min_images_for_dmr
 from priorclip.provenance import git_revision
@@ -73,11 +72,7 @@ def _device_name(device: str) -> str:
 
 
 def _write(out: Path, stem: str, doc: dict, md: str) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    pj, pm = out / f"{stem}.json", out / f"{stem}.md"
-    pj.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-    pm.write_text(md, encoding="utf-8")
-    return pj, pm
+    return write_json(out / f"{stem}.json", doc), write_text(out / f"{stem}.md", md)
 
 
 def run_matrix(model, test, calib, device: str, variants: list[tuple[str, str, str | None]], work: Path,
@@ -129,6 +124,7 @@ def run_matrix(model, test, calib, device: str, variants: list[tuple[str, str, s
 @user_errors
 def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib_captions, device, provider,
          formats, study, out_dir, tag, seed, variants) -> None:
+    check_output_dir(out_dir, option="--out")  # before the export matrix, not after it
     torch.manual_seed(seed)  # random-init weights are reproducible only with a seed
     model = build_model(model_name, checkpoint, gate)
     test, calib = _data(data_dir, n_test, n_calib_images, n_calib_captions)

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import click
 
-from priorclip.cliutils import ProductGroup, build_model, ensure_writable_dir, model_options, resolve_device, write_json
+from priorclip.cliutils import (
+    ProductGroup,
+    build_model,
+    check_output_file,
+    model_options,
+    output_dir,
+    resolve_device,
+    write_json,
+    write_npy,
+    write_npz,
+    write_text,
+)
 from priorclip.errors import DataError, PriorCLIPError
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -92,49 +103,78 @@ def embed(model_name, checkpoint, gate, images, captions, out, batch_size, skip_
     """Embed a folder of images or a file of captions into an .npy matrix plus an index file.
 
     Row i of the .npy (float32 [N, embed_dim], L2-normalised) is described by line i of <out>.index.jsonl.
+
+    Images: every format PIL reads (JPEG, PNG, TIFF, GIF, WebP, ...); other files in the folder are left out and
+    named in <out>.skipped.txt. A multi-page TIFF or animated GIF is embedded from its first page (page 0; a note
+    names them). Images over the pixel limit ($PRIORCLIP_MAX_PIXELS, default 268 Mpx, read from the header) or that
+    fail to decode end the run with one line, or with --skip-bad are listed in <out>.skipped.txt with the reason.
     """
     import numpy as np
 
     from priorclip.data import list_images, read_captions
     from priorclip.retrieval import embed_images, embed_texts
-    from priorclip.transforms import open_image
+    from priorclip.transforms import check_image
 
     if (images is None) == (captions is None):
         raise PriorCLIPError("give exactly one of --images DIR or --captions FILE")
-    out = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
-    ensure_writable_dir(out.parent)
+    # the exact files written, checked before any work; each is written atomically (never half a file under its name)
+    out = check_output_file(out, ".npy", option="--out")
+    index_path = check_output_file(out.with_name(out.stem + ".index.jsonl"), option="--out")
+    skipped_path = check_output_file(out.with_name(out.stem + ".skipped.txt"), option="--out")
+    skipped: list[str] = []
+    n_not_images = 0
     if images is not None:
-        paths = list_images(images)
-        skipped = []
-        if skip_bad:  # decode-check first so the matrix rows and the index stay aligned
-            good = []
-            for p in paths:
-                try:
-                    open_image(p)
-                    good.append(p)
-                except DataError as e:
-                    skipped.append(f"{p}\t{e}")
-            paths = good
-            if not paths:
-                raise DataError(f"none of the images in {images} could be read")
+        listing = list_images(images)
+        skipped = [f"{p}\t{reason}" for p, reason in listing.skipped]  # all that is left out, with the reason
+        n_not_images = len(skipped)
+        if listing.skipped:
+            names = ", ".join(p.name for p, _ in listing.skipped[:5]) + (", ..." if len(listing.skipped) > 5 else "")
+            click.echo(f"note: left out {len(listing.skipped)} files that are not images PIL reads ({names})", err=True)
         enc = _encoder(model_name, checkpoint, gate, device, precision)
+        # every image is checked before the first batch: from its header (format, pixel limit, pages), and with
+        # --skip-bad decoded as embedding will decode it, so the matrix rows and the index stay aligned
+        paths, multi, pages = [], [], {}
+        for p in listing.files:
+            try:
+                info = check_image(p, decode=skip_bad, draft_size=enc.image_size)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                skipped.append(f"{p}\t{e}")
+                continue
+            paths.append(p)
+            if info.pages > 1:
+                multi.append(f"{p.name} ({info.pages})")
+                pages[p] = info.pages
+        if multi:
+            click.echo(f"note: {len(multi)} images have several pages or frames; page 0 of each is embedded: "
+                       + ", ".join(multi[:5]) + (", ..." if len(multi) > 5 else ""), err=True)
+        if not paths:
+            first = skipped[len(listing.skipped)].replace("\t", ": ", 1)
+            raise DataError(f"none of the {len(listing.files)} images in {images} could be read, e.g. {first}")
         emb = embed_images(enc, paths, batch_size)
-        index = [{"row": i, "image": str(p)} for i, p in enumerate(paths)]
-        if skipped:
-            out.with_name(out.stem + ".skipped.txt").write_text("\n".join(skipped) + "\n", encoding="utf-8")
-            click.echo(f"skipped {len(skipped)} unreadable images (see {out.stem}.skipped.txt)", err=True)
+        index = [{"row": i, "image": str(p), **({"page": 0, "pages": pages[p]} if p in pages else {})}
+                 for i, p in enumerate(paths)]
     else:
         caps = read_captions(captions)
         enc = _encoder(model_name, checkpoint, gate, device, precision)
         emb = embed_texts(enc, caps, batch_size)
         index = [{"row": i, "caption": c} for i, c in enumerate(caps)]
-    np.save(out, emb.numpy().astype(np.float32))
-    index_path = out.with_name(out.stem + ".index.jsonl")
-    index_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index), encoding="utf-8")
+    write_npy(out, emb.numpy().astype(np.float32))
+    write_text(index_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index))
     click.echo(f"wrote {out} {tuple(emb.shape)} and {index_path}")
+    if skipped:
+        write_text(skipped_path, "\n".join(skipped) + "\n")
+        bad = len(skipped) - n_not_images
+        click.echo(f"wrote {skipped_path}: {len(skipped)} files left out ({bad} unreadable images, {n_not_images} "
+                   "files that are not images), one per line with the reason", err=True)
+    elif skipped_path.exists():  # this output's list from an earlier run would now describe nothing
+        skipped_path.unlink()
 
 
 def _run_eval(enc, dataset, batch_size, workers, label: str, extra: dict, out_json: Path | None, save_embeddings: Path | None):
+    """Evaluate, print the table, write ``out_json`` and the ``save_embeddings`` .npz: exact paths, already checked
+    by the caller (:func:`_eval_outputs`), written atomically."""
     import torch
 
     from priorclip.retrieval import evaluate, format_table
@@ -160,14 +200,23 @@ def _run_eval(enc, dataset, batch_size, workers, label: str, extra: dict, out_js
         **extra,
     }
     if out_json:
-        write_json(out_json, report)
-        click.echo(f"metrics written to {out_json}")
+        click.echo(f"wrote {write_json(out_json, report)}")
     if save_embeddings:
-        import numpy as np
-
-        np.savez(save_embeddings, images=ev.image_emb.numpy(), texts=ev.text_emb.numpy(), caption_image=dataset.caption_image)
-        click.echo(f"embeddings written to {save_embeddings}")
+        images, texts = ev.image_emb.numpy(), ev.text_emb.numpy()
+        write_npz(save_embeddings, images=images, texts=texts, caption_image=dataset.caption_image)
+        click.echo(f"wrote {save_embeddings} (images {list(images.shape)}, texts {list(texts.shape)}, caption_image "
+                   f"[{len(dataset.caption_image)}]: the image row of each caption)")
     return report
+
+
+def _eval_outputs(out_json: Path | None, save_embeddings: Path | None) -> tuple[Path | None, Path | None]:
+    """The exact files ``eval`` will write, checked before the dataset and the model are loaded: an evaluation of the
+    full test split takes minutes, and must not end in an unwritable path."""
+    out_json = check_output_file(out_json, option="--out") if out_json else None
+    save_embeddings = check_output_file(save_embeddings, ".npz", option="--save-embeddings") if save_embeddings else None
+    if out_json and save_embeddings and out_json.resolve() == save_embeddings.resolve():
+        raise PriorCLIPError(f"--out and --save-embeddings name the same file: {out_json}")
+    return out_json, save_embeddings
 
 
 @main.command("eval")
@@ -187,6 +236,7 @@ def eval_cmd(model_name, checkpoint, gate, dataset_json, image_root, split, limi
     from priorclip.checkpoint import file_sha256
     from priorclip.data import load_karpathy
 
+    out_json, save_embeddings = _eval_outputs(out_json, save_embeddings)
     dataset = load_karpathy(dataset_json, image_root, split)
     if limit:
         dataset = dataset.subset(limit)
@@ -216,13 +266,14 @@ def demo(model_name, n_images, out_dir, seed, device) -> None:
     from priorclip.data import load_karpathy
     from priorclip.synthetic import make_sample
 
-    ensure_writable_dir(out_dir)
-    torch.manual_seed(seed)
-    json_path, img_dir = make_sample(out_dir / "sample", n_images=n_images, seed=seed)
-    click.echo(f"generated {n_images} images x 5 captions under {out_dir / 'sample'}")
-    dataset = load_karpathy(json_path, img_dir)
-    enc = _encoder(model_name, None, None, device, "fp32")
-    _run_eval(enc, dataset, 32, 4, f"{enc.model.cfg.name} (random weights)", {"dataset": str(json_path)}, out_dir / "metrics.json", None)
+    metrics = check_output_file(out_dir / "metrics.json", option="--out")
+    with output_dir(out_dir):  # removed again if the demo fails before writing anything there
+        enc = _encoder(model_name, None, None, device, "fp32")  # first: a bad --model or --device fails at once
+        torch.manual_seed(seed)
+        json_path, img_dir = make_sample(out_dir / "sample", n_images=n_images, seed=seed)
+        click.echo(f"generated {n_images} images x 5 captions under {out_dir / 'sample'}")
+        dataset = load_karpathy(json_path, img_dir)
+        _run_eval(enc, dataset, 32, 4, f"{enc.model.cfg.name} (random weights)", {"dataset": str(json_path)}, metrics, None)
 
 
 if __name__ == "__main__":

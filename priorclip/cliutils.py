@@ -6,12 +6,15 @@ traceback; bugs still show theirs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
 import os
+import secrets
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -121,28 +124,194 @@ def build_model(model_name: str | None, checkpoint: Path | None, gate: str | Non
     return create_model(model_name, checkpoint=checkpoint, **overrides)
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
+# Output files. A long run must not find out at its end that it cannot write its result, and a run stopped while
+# writing must not leave a half file under the final name: commands check every output path before the work
+# (check_output_file / check_output_dir), write through atomic_write (a temporary file beside the target, then
+# os.replace), and create folders with output_dir, which removes them again if the run fails while they are empty.
+
+
+def check_output_file(path: str | Path, suffix: str | None = None, option: str | None = None) -> Path:
+    """The exact path a writer will create for ``path``, checked before any work; creates nothing.
+
+    ``suffix`` is appended when the name does not end with it, as ``np.save`` (``.npy``) and ``np.savez`` (``.npz``)
+    do, so the path returned is the one written and printed. The path must not be a folder, and its folder must exist
+    and take new files, or be creatable in the nearest existing folder. ``option`` (e.g. ``"--out"``) prefixes the
+    error. Raises :class:`PriorCLIPError`.
+    """
+    path = Path(path)
+    if suffix and not path.name.endswith(suffix):
+        path = path.with_name(path.name + suffix)
+    where = f"{option}: " if option else ""
+    if path.is_dir():
+        raise PriorCLIPError(f"{where}cannot write {path}: it is a folder")
+    try:
+        _check_creatable(path.parent)
+    except PriorCLIPError as e:
+        raise PriorCLIPError(f"{where}cannot write {path}: {e}") from None
+    return path
+
+
+def check_output_dir(path: str | Path, option: str | None = None) -> Path:
+    """Check, before any work and without creating anything, that folder ``path`` exists and takes new files or can
+    be created. Raises :class:`PriorCLIPError`."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        _check_creatable(path)
+    except PriorCLIPError as e:
+        raise PriorCLIPError(f"{option + ': ' if option else ''}output folder {path} is not writable: {e}") from None
+    return path
+
+
+def _check_creatable(folder: Path) -> None:
+    """Raise :class:`PriorCLIPError` (the reason alone) unless ``folder`` takes files or can be created: the nearest
+    existing folder on its way must accept a new entry (probed with a real file, which also catches read-only mounts
+    and ACLs that ``os.access`` misses)."""
+    existing = folder
+    try:
+        while not existing.exists() and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise PriorCLIPError(f"{existing} is a file, not a folder")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".priorclip-write-test-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
-        raise PriorCLIPError(f"cannot write {path}: {e.strerror or e}") from None
+        raise PriorCLIPError(f"cannot create files in {existing} ({e.strerror or e})") from None
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the folders this call created, outermost first. Raises :class:`PriorCLIPError`
+    (the reason alone)."""
+    missing: list[Path] = []
+    created: list[Path] = []
+    try:
+        p = path
+        while not p.exists() and p.parent != p:
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            p = d
+            try:
+                d.mkdir()
+                created.append(d)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+    except OSError as e:
+        _remove_empty(created)
+        raise PriorCLIPError(f"cannot create folder {p} ({e.strerror or e})") from None
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    # rmdir refuses a folder that holds anything, so nothing written there (by us or anyone else) is ever lost
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path) -> Iterator[Path]:
+    """Create folder ``path`` (and missing parents) and check it takes files; if the block fails (any exception, Ctrl-C
+    included) the folders this call created are removed again while they are still empty, so a failed run leaves no
+    empty output folder behind. A folder that existed before is left as it was. Raises :class:`PriorCLIPError`."""
+    path = Path(path)
+    created: list[Path] = []
+    try:
+        created = _make_dirs(path)
+        _check_creatable(path)
+    except PriorCLIPError as e:
+        _remove_empty(created)
+        raise PriorCLIPError(f"output folder {path} is not writable: {e}") from None
+    try:
+        yield path
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (``.<name>.<random>.tmp``, an empty file) to write into; it becomes
+    ``path`` (``os.replace``) only when the block completes. A failed or interrupted write never leaves a partial file
+    under the final name, and the temporary file is removed whatever happens (as are folders created for it while
+    empty). An ``OSError`` (disk full, read-only) becomes one :class:`PriorCLIPError` line naming ``path``.
+    """
+    path = Path(path)
+    try:
+        created = _make_dirs(path.parent)
+    except PriorCLIPError as e:
+        raise PriorCLIPError(f"cannot write {path}: {e}") from None
+    tmp = None
+    done = False
+    try:
+        try:
+            tmp = _new_temp_file(path)
+            yield tmp
+            os.replace(tmp, path)
+            done = True
+        except OSError as e:
+            raise PriorCLIPError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if not done:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            _remove_empty(created)
+
+
+def _new_temp_file(path: Path) -> Path:
+    # O_EXCL with mode 0o666: a fresh name (two writers never share one) whose permissions follow the umask like any
+    # other output file (tempfile.mkstemp would make it 0o600)
+    while True:
+        tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically; returns ``path``."""
+    return write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_npy(path: str | Path, array: Any) -> Path:
+    """``np.save`` to exactly ``path`` (no ``.npy`` appended: normalise with :func:`check_output_file`), atomically."""
+    import numpy as np
+
+    path = Path(path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+    return path
+
+
+def write_npz(path: str | Path, **arrays: Any) -> Path:
+    """``np.savez`` to exactly ``path`` (no ``.npz`` appended: normalise with :func:`check_output_file`), atomically."""
+    import numpy as np
+
+    path = Path(path)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise PriorCLIPError(f"output folder {path} is not writable: {e.strerror or e}") from None
-    return path
+    """Create folder ``path`` (and parents) and check it takes files. Raises :class:`PriorCLIPError`. Prefer
+    :func:`output_dir`, which also removes the folders again when the run fails."""
+    with output_dir(path) as p:
+        return p
 
 
 def image_count(minimum: int = 1) -> Callable:

@@ -176,3 +176,83 @@ def test_missing_export_extra_is_one_line(tmp_path, monkeypatch):
     assert r.exit_code != 0 and "Traceback" not in r.output
     last = r.output.strip().splitlines()[-1]
     assert last.startswith("Error: exporting needs onnx") and last.endswith("pip install 'priorclip[export]'")
+
+
+def _failing_fp32_export(monkeypatch, error=None):
+    """The INT8 path's first step fails after writing part of a graph into its scratch folder inside the output."""
+    from priorclip.errors import DataError
+    from priorclip.export import api
+
+    def fail(model, out_dir, *a, **k):
+        (out_dir / "image_encoder.onnx").write_bytes(b"half a graph")
+        raise error or DataError("calibration image broken.jpg: cannot identify image file")
+
+    monkeypatch.setattr(api, "export_onnx_fp32", fail)
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_failed_int8_export_leaves_no_new_empty_folder(tiny_model, tmp_path, monkeypatch, interrupt):
+    from priorclip.errors import DataError
+    from priorclip.export import CalibrationSet
+
+    _failing_fp32_export(monkeypatch, KeyboardInterrupt() if interrupt else None)  # Ctrl-C mid-export, or an error
+    expected = KeyboardInterrupt if interrupt else DataError
+    calib = CalibrationSet([tmp_path / "x.jpg"], ["a caption"])
+    with pytest.raises(expected):
+        export_model(tiny_model, tmp_path / "runs" / "int8", "onnx", "int8", calib=calib, progress=False)
+    assert list(tmp_path.iterdir()) == []  # runs/ and runs/int8 were made by the export and are gone again
+    kept = tmp_path / "existing"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    (kept / "manifest.json").write_text("{}")  # an earlier export's: it must not describe a half-rewritten folder
+    with pytest.raises(expected):
+        export_model(tiny_model, kept, "onnx", "int8", calib=calib, progress=False)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # the folder that was there stays, manifest gone
+
+
+def test_failed_int8_export_cli_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch):
+    from priorclip.synthetic import make_sample
+
+    calib_json = make_sample(tmp_path / "calib", n_images=4, size=32)[0]
+    _failing_fp32_export(monkeypatch)
+    out = tmp_path / "new" / "int8"
+    code, lines = _cli(["--model", "priorclip-tiny", "--precision", "int8", "--calib-data", str(calib_json),
+                        "--calib-split", "test", "--no-parity", "-q", "--out", str(out)])
+    assert code == 1
+    assert lines == ["Error: calibration image broken.jpg: cannot identify image file"]
+    assert not (tmp_path / "new").exists()
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch):
+    """priorclip-export and the parity-table report check --out before calibration data, parity set and model."""
+    from priorclip.export import cli as export_cli
+    from priorclip.export import report as export_report
+
+    def never(*a, **k):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(export_cli, "load_calibration", never)
+    monkeypatch.setattr(export_cli, "load_parity_set", never)
+    monkeypatch.setattr(export_cli, "build_model", never)
+    monkeypatch.setattr(export_report, "build_model", never)
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "out"
+    code, lines = _cli(["--model", "priorclip-tiny", "--precision", "int8", "--calib-data", str(tmp_path),
+                        "--out", str(out)])
+    assert code == 1 and lines == [f"Error: --out: output folder {out} is not writable: {tmp_path / 'afile'} is a "
+                                   "file, not a folder"]
+    r = CliRunner().invoke(export_report.main, ["--data", "synthetic", "--out", str(out)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert r.output.strip() == lines[0]
+
+
+def test_failed_onnx_export_leaves_no_new_folder(tiny_model, tmp_path, monkeypatch):
+    from priorclip.export import onnx_export
+
+    def fail(*a, **k):
+        raise RuntimeError("torch.onnx.export failed")
+
+    monkeypatch.setattr(onnx_export, "_quiet_export", fail)
+    with pytest.raises(RuntimeError):
+        onnx_export.export_onnx_fp32(tiny_model, tmp_path / "a" / "onnx")
+    assert list(tmp_path.iterdir()) == []
