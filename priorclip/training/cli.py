@@ -51,7 +51,14 @@ _P = click.Path(path_type=str)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto (torchrun: one GPU per process).")
 @click.option("--out", default="runs/train", show_default=True, type=_P, help="Run folder (checkpoints, metrics.jsonl, summary.json).")
-@click.option("--resume", type=_P, help="Continue a run: a checkpoint with training state, or 'auto' (OUT/checkpoints/latest.pt).")
+@click.option("--resume", type=_P,
+              help="Continue a run: a checkpoint with training state, or 'auto' (OUT/checkpoints/latest.pt if there "
+              "is one, else start). The run goes on exactly where it stopped, so it must keep --seed, --epochs, the "
+              "global batch (processes x --batch-size x --accum-freq; how it is split may change, which is "
+              "reported) and the training data (same samples, images and captions); a change in these is refused, "
+              "naming the way out. Summary and checkpoints keep every validation of the run.")
+@click.option("--accept-new-data", is_flag=True, help="With --resume: go on although the training data differ from the "
+              "saved run's (steps, schedule and optimiser state carry over; reported).")
 @click.option("--overwrite", is_flag=True, help="Start afresh in an --out folder that already holds a run.")
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0), help="Also save a resumable checkpoint every N steps.")
 @click.option("--resume-every-epochs", default=1, show_default=True, type=click.IntRange(min=1),

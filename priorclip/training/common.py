@@ -6,8 +6,9 @@ import json
 import os
 import random
 import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,55 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int | None = None, main_pid: int | None = None) -> None:
+    """``worker_init_fn`` of training loaders: the worker ignores SIGTERM and SIGINT except its loader's own stop.
+
+    A scheduler (SLURM, ``kill -- -PGID``) and Ctrl-C signal the whole process group. A worker that died of it made
+    the main process fail in whatever it was doing (torch's SIGCHLD handler raises "DataLoader worker ... is killed
+    by signal"); now only the main process reacts, finishes its step, saves, and shuts the workers down itself.
+    A SIGTERM from the main process (``main_pid``, or the parent) still ends the worker at once, as torch's worker
+    handler does: the loader's ``terminate()`` of a hung worker and multiprocessing's at exit after a crash rely on
+    it (ignoring it outright left a crashed run waiting for its workers forever).
+
+    The signals stay blocked in the worker and a thread takes them with ``sigwaitinfo``, which names the sender;
+    without it (macOS) only SIGINT is ignored. Start the workers under :func:`stop_signals_blocked`: a native thread
+    that torch starts in the worker before this runs must inherit the block too, or the kernel may hand it a
+    group signal (and torch's worker handler then ends the worker)."""
+    if not hasattr(signal, "sigwaitinfo"):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # before the thread starts, so it inherits the block
+    owners = {os.getppid(), main_pid}
+    threading.Thread(target=_take_stop_signals, args=(owners,), name="stop-signals", daemon=True).start()
+
+
+def _take_stop_signals(owners: set[int | None]) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid in owners:
+            os._exit(0)
+
+
+@contextmanager
+def stop_signals_blocked():
+    """Hold SIGTERM/SIGINT pending in this thread while loader workers start.
+
+    Workers inherit the blocked mask, so a group signal that lands between their fork and
+    :func:`ignore_stop_signals` waits and is then discarded, instead of killing them with torch's worker handler.
+    The main process still gets it: through another of its threads at once, or when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class StopFlag:

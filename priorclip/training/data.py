@@ -337,9 +337,9 @@ def collate(items: list[dict]) -> dict:
 
 def tokenize_captions(captions: Sequence[str], context_length: int = 77) -> torch.Tensor:
     """Token ids [N, context_length] int32; each distinct caption is tokenised once (RSICD repeats many)."""
-    from priorclip.tokenizer import get_tokenizer
+    from priorclip.tokenizer import clip_tokenizer
 
-    tok = get_tokenizer(context_length)
+    tok = clip_tokenizer(context_length)
     uniq = sorted(set(captions))
     table = tok(uniq).to(torch.int32) if uniq else torch.zeros(0, context_length, dtype=torch.int32)
     where = {c: i for i, c in enumerate(uniq)}
@@ -424,9 +424,9 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         self.transform = TrainTransform(image_size, augment)
 
     def _samples(self, rng: np.random.Generator, reader: int, readers: int) -> Iterator[dict]:
-        from priorclip.tokenizer import get_tokenizer
+        from priorclip.tokenizer import clip_tokenizer
 
-        tok = get_tokenizer(self.context_length)
+        tok = clip_tokenizer(self.context_length)
         while True:
             order = list(rng.permutation(len(self.shards)))
             mine = order[reader::readers] if len(self.shards) >= readers else order
@@ -489,9 +489,11 @@ class _BatchedWds(torch.utils.data.IterableDataset):
             yield collate(items)
 
 
-def wds_loader(ds: WebDatasetStream, batch_size: int, workers: int, pin: bool) -> torch.utils.data.DataLoader:
+def wds_loader(
+    ds: WebDatasetStream, batch_size: int, workers: int, pin: bool, worker_init_fn=None
+) -> torch.utils.data.DataLoader:
     """Batches are formed inside each worker (full micro-batches of good samples)."""
     return torch.utils.data.DataLoader(
         _BatchedWds(ds, batch_size), batch_size=None, num_workers=workers, pin_memory=pin,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
+        persistent_workers=False, prefetch_factor=4 if workers else None, worker_init_fn=worker_init_fn,
     )

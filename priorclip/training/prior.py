@@ -11,7 +11,8 @@ plus the model config, the class list and the accuracies; ``priorclip train --pr
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import os
 import platform
 import sys
 import time
@@ -30,7 +31,17 @@ from priorclip.config import ModelConfig
 from priorclip.errors import DataError, PriorCLIPError
 from priorclip.layers.resnet import ModifiedResNet
 from priorclip.training import data as tdata
-from priorclip.training.common import MetricsLog, StopFlag, autocast, device_name, seed_everything, setup_distributed
+from priorclip.cliutils import atomic_write, output_dir, write_json, write_text
+from priorclip.training.common import (
+    MetricsLog,
+    StopFlag,
+    autocast,
+    device_name,
+    ignore_stop_signals,
+    seed_everything,
+    setup_distributed,
+    stop_signals_blocked,
+)
 from priorclip.training.optim import lr_at, make_optimizer, set_lr
 
 PRIOR_FORMAT = "priorclip-prior/1"
@@ -114,12 +125,22 @@ def _cached(src, size: int, workers: int, progress: bool, classes: dict[str, int
     return [arrays[i] for i in keep], [classes[src.labels[i]] for i in keep], [(str(src.images[i]), e) for i, e in bad], unknown
 
 
+def _batches(ds, workers: int, **kw):
+    """Iterate a DataLoader whose workers leave SIGTERM/SIGINT to this process (see ``ignore_stop_signals``): a
+    signal to the whole process group (SLURM, ``kill -- -PGID``) then stops the run cleanly instead of killing the
+    workers under it."""
+    init = functools.partial(ignore_stop_signals, main_pid=os.getpid()) if workers else None
+    loader = torch.utils.data.DataLoader(ds, num_workers=workers, worker_init_fn=init, **kw)
+    with stop_signals_blocked():  # iter() forks the workers
+        return iter(loader), len(loader)
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, ds: _ImageDataset, device: torch.device, precision: str, batch: int, workers: int) -> float:
     model.eval()
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+    batches, _ = _batches(ds, workers, batch_size=batch)
     correct = 0
-    for pixels, ids in loader:
+    for pixels, ids in batches:
         x = tdata.normalize_on_device(pixels.to(device)).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             pred = model(x).argmax(dim=1).cpu()
@@ -130,17 +151,18 @@ def accuracy(model: nn.Module, ds: _ImageDataset, device: torch.device, precisio
 
 def train_prior(cfg: PriorTrainConfig) -> dict[str, Any]:
     """Train the prior as a scene classifier; writes ``prior.pt``, ``prior_summary.json`` and ``metrics.jsonl``."""
-    from priorclip.registry import get_config
-
     t_start = time.perf_counter()
     d = setup_distributed(cfg.device)
     if d.enabled:
         raise PriorCLIPError("train-prior runs in one process (the prior trains in minutes on one GPU)")
     out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PriorCLIPError(f"output folder {out} is not writable: {e.strerror or e}") from None
+    with output_dir(out):  # a run that fails before writing anything leaves no empty folder behind
+        return _train_prior(cfg, out, d, t_start)
+
+
+def _train_prior(cfg: PriorTrainConfig, out: Path, d, t_start: float) -> dict[str, Any]:
+    from priorclip.registry import get_config
+
     mcfg = get_config(cfg.model)
     if mcfg.prior is None:
         raise PriorCLIPError(f"model {cfg.model!r} has no prior network to train")
@@ -167,7 +189,7 @@ def train_prior(cfg: PriorTrainConfig) -> dict[str, Any]:
             bad += b
             evals[name] = (_ImageDataset(a, i, size, False, cfg.seed), split, unknown)
     if bad:
-        (out / "skipped_images.txt").write_text("".join(f"{p}\t{e}\n" for p, e in bad), "utf-8")
+        write_text(out / "skipped_images.txt", "".join(f"{p}\t{e}\n" for p, e in bad))
         print(f"[train-prior] skipped {len(bad)} unreadable images (listed in {out / 'skipped_images.txt'})", file=sys.stderr)
     train_ds = _ImageDataset(arrays, ids, size, True, cfg.seed)
 
@@ -188,12 +210,11 @@ def train_prior(cfg: PriorTrainConfig) -> dict[str, Any]:
     with StopFlag() as flag:
         for epoch in range(cfg.epochs):
             sampler = tdata.EpochBatchSampler(len(train_ds), cfg.batch_size, epoch, cfg.seed)
-            loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
-                                                 pin_memory=d.device.type == "cuda",
-                                                 prefetch_factor=4 if cfg.workers else None)
+            batches, n_batches = _batches(train_ds, cfg.workers, batch_sampler=sampler,
+                                          pin_memory=d.device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
             t_epoch, correct, seen, loss_sum = time.perf_counter(), 0, 0, 0.0
             t_last = time.perf_counter()
-            for pixels, y in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress):
+            for pixels, y in tqdm(batches, total=n_batches, desc=f"epoch {epoch}", leave=False, disable=not cfg.progress):
                 x = tdata.normalize_on_device(pixels.to(d.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
                 y = y.to(d.device, non_blocking=True)
                 set_lr(opt, lr_at(step, cfg.lr, cfg.warmup, total, "cosine"))
@@ -248,9 +269,10 @@ def train_prior(cfg: PriorTrainConfig) -> dict[str, Any]:
         "config": cfg.to_dict(),
     }
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": sd, "config": mcfg.to_dict(), "format": PRIOR_FORMAT, "classes": classes,
-                "metrics": metrics}, out / "prior.pt")
-    (out / "prior_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with atomic_write(out / "prior.pt") as tmp:
+        torch.save({"state_dict": sd, "config": mcfg.to_dict(), "format": PRIOR_FORMAT, "classes": classes,
+                    "metrics": metrics}, tmp)
+    write_json(out / "prior_summary.json", summary)
     print("[train-prior] " + ", ".join(f"{k} {v:.2f}%" for k, v in metrics.items()) + f"; wrote {out / 'prior.pt'}",
           file=sys.stderr)
     log.close()

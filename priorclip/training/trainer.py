@@ -4,8 +4,15 @@ One process per GPU through ``torchrun`` (``torch.distributed``; no launcher of 
 
 * ``metrics.jsonl``: one line per logged step (loss terms, lr, logit scale, samples/s, data wait) and per validation;
 * ``checkpoints/latest.pt``: weights + config (``priorclip eval --checkpoint`` reads it) plus ``train_state``
-  (optimiser, scaler, step, epoch, RNG, run config) for ``--resume``; ``checkpoints/epoch_K.pt``: weights only;
+  (optimiser, scaler, step, epoch, RNG, run config, world size, data identity, loss and validation histories) for
+  ``--resume``, which refuses a changed global batch or data (see ``read_resume_state``); ``checkpoints/epoch_K.pt``:
+  weights only;
 * ``model.pt`` (final weights), ``summary.json`` (throughput, wall time, device, val/test metrics), ``config.json``.
+
+SIGTERM or SIGINT, to the main process or its whole group (SLURM, ``kill -- -PGID``, Ctrl-C), ends the run after the
+current step (or the epoch's end work under way) with ``latest.pt``; loader workers leave those signals to the main
+process (``common.ignore_stop_signals``). A run that fails before it has saved or logged anything removes the folders
+it created.
 
 Gradient accumulation uses open_clip's feature cache: a no-grad pass embeds every micro-batch, then each micro-batch
 is recomputed with gradients and the loss is taken over the whole accumulated batch, so labels, centres and negatives
@@ -15,7 +22,11 @@ are those of the full batch and the gradient equals the large-batch gradient (Ba
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
+import math
+import os
 import platform
 import sys
 import time
@@ -39,10 +50,12 @@ from priorclip.training.common import (
     any_rank,
     autocast,
     device_name,
+    ignore_stop_signals,
     rng_state,
     seed_everything,
     set_rng_state,
     setup_distributed,
+    stop_signals_blocked,
 )
 from priorclip.training.loss import ClipAffLoss, affiliation_labels
 from priorclip.training.optim import clamp_logit_scale, lr_at, make_optimizer, set_lr
@@ -87,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: str | None = None  # a train-state checkpoint, or "auto" (out/checkpoints/latest.pt if present)
+    accept_new_data: bool = False  # resume even though the training data differ from the saved run's
     save_every: int = 0  # steps between resumable checkpoints (0: at epoch ends only)
     epoch_checkpoints: bool = True  # also keep checkpoints/epoch_K.pt (weights only) after every epoch
     resume_every_epochs: int = 1  # write checkpoints/latest.pt (weights + optimiser, ~3x the weights) every N epochs
@@ -107,6 +121,22 @@ class TrainConfig:
 CACHE_AUTO_LIMIT = 200_000  # images: decode into memory below this (~6 GB at 150 px, ~30 GB at 224 px)
 
 
+def data_identity(kind: str, n_samples: int, items) -> dict[str, Any]:
+    """What a resumed run compares: the kind, the sample count and a hash of the ordered sample list (pairs as
+    relative image path + caption; shard file names for webdataset), so a moved image folder is still the same data."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(item.encode("utf-8", "surrogatepass") + b"\n")
+    return {"kind": kind, "samples": n_samples, "sha256": h.hexdigest()[:16]}
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 class TrainData:
     """The training stream for one process: a cached/decoded map-style dataset or a webdataset stream."""
 
@@ -125,6 +155,7 @@ class TrainData:
             self.context_length = context_length
             self.steps_per_epoch = n // global_batch
             self.description = f"{len(self.shards)} webdataset shards, {n} samples"
+            self.identity = data_identity(kind, n, (Path(s).name for s in self.shards))
         else:
             if kind == "karpathy":
                 if not cfg.images:
@@ -150,6 +181,11 @@ class TrainData:
             self.dataset = tdata.PairDataset(src, image_size, tokens, cache, augment=True, seed=cfg.seed)
             self.n_samples = len(self.dataset)
             self.steps_per_epoch = self.n_samples // global_batch
+            root = Path(cfg.images) if cfg.images else Path(cfg.data).parent
+            pairs = (
+                f"{_relative(src.images[src.caption_image[i]], root)}\t{src.captions[i]}" for i in self.dataset.index
+            )
+            self.identity = data_identity(kind, self.n_samples, pairs)
             self.description = (
                 f"{src.description}: {len(src.images)} images, {len(src.captions)} pairs"
                 + (f", {len(self.skipped_at_load)} unreadable images skipped" if self.skipped_at_load else "")
@@ -170,19 +206,26 @@ class TrainData:
         if self.kind == "wds":
             ds = tdata.WebDatasetStream(self.shards, self.image_size, cfg.seed, d.rank, d.world, epoch,
                                         context_length=self.context_length)
-            it = iter(tdata.wds_loader(ds, cfg.batch_size, cfg.workers, self.pin))
+            with stop_signals_blocked():  # iter() forks the workers
+                it = iter(tdata.wds_loader(ds, cfg.batch_size, cfg.workers, self.pin, self._worker_init))
             for _ in range(start_step * cfg.accum_freq):  # a resumed epoch replays the stream up to where it stopped
                 next(it)
             return it
         sampler = tdata.EpochBatchSampler(
             len(self.dataset), cfg.batch_size, epoch, cfg.seed, d.rank, d.world, cfg.accum_freq, start_step
         )
-        return iter(
-            torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=tdata.collate,
-                pin_memory=self.pin, prefetch_factor=4 if cfg.workers else None,
-            )
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=tdata.collate,
+            pin_memory=self.pin, prefetch_factor=4 if cfg.workers else None, worker_init_fn=self._worker_init,
         )
+        with stop_signals_blocked():  # iter() forks the workers (and starts the pin-memory thread)
+            return iter(loader)
+
+    @property
+    def _worker_init(self):
+        # Workers leave SIGTERM/SIGINT to the main process (see ignore_stop_signals). They are started per epoch
+        # (not persistent), so every epoch's workers get it; a persistent loader would get it once, which suffices.
+        return functools.partial(ignore_stop_signals, main_pid=os.getpid()) if self.cfg.workers else None
 
 
 @contextmanager
@@ -261,6 +304,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.d.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self.history: list[dict[str, float]] = []  # per-step losses (tests compare resumed curves with these)
+        self.val_history: list[dict[str, Any]] = []  # every validation of the run, earlier segments included
+        self.data_identity: dict[str, Any] | None = None  # set by fit(); saved so a resume can compare
+        self.resume_notes: list[str] = []  # how a resumed run adapted to a changed geometry or data
 
     # ------------------------------------------------------------------ bookkeeping
     def _resume_path(self) -> Path | None:
@@ -285,9 +331,8 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PriorCLIPError(f"output folder {self.out} is not writable: {e.strerror or e}") from None
-        if self.cfg.overwrite and self.resume_path is None:
-            for f in ("metrics.jsonl", "summary.json"):
-                (self.out / f).unlink(missing_ok=True)
+        # --overwrite clears the old run's logs only once this run's data have loaded (fit), so a run that fails
+        # early leaves the old one as it was
 
     def _lock_prior_bn(self) -> None:
         if self.cfg.lock_prior:
@@ -308,10 +353,15 @@ class Trainer:
                 "rng": rng_state(),
                 "train_config": self.cfg.to_dict(),
                 "history": self.history,
+                "val_history": self.val_history,
+                "world_size": self.d.world,
+                "global_batch": self.cfg.batch_size * self.cfg.accum_freq * self.d.world,
+                "data": self.data_identity,
             }
         save_checkpoint(self.model, path, **extra)
 
-    def load_state(self, path: Path) -> tuple[int, int]:
+    def read_resume_state(self, path: Path) -> tuple[Checkpoint, dict[str, Any]]:
+        """Read a resumable checkpoint and check everything but the data (which needs them loaded): fails fast."""
         ckpt: Checkpoint = read_checkpoint(path)
         state = ckpt.extra.get("train_state")
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -319,16 +369,103 @@ class Trainer:
         if ckpt.config is not None and ckpt.config != self.model.cfg:
             raise CheckpointError(f"{path}: saved for model {ckpt.config.name!r}, this run builds {self.model.cfg.name!r}")
         old = state["train_config"]
-        for k in ("batch_size", "accum_freq", "seed", "epochs"):
+        for k in ("seed", "epochs"):
             if old.get(k) != getattr(self.cfg, k):
-                raise CheckpointError(f"{path}: --{k.replace('_', '-')} was {old.get(k)} in the saved run, now {getattr(self.cfg, k)}; a resumed run must keep it")
+                raise CheckpointError(
+                    f"{path}: --{k} was {old.get(k)} in the saved run, now {getattr(self.cfg, k)}; a resumed run must keep it"
+                )
+        self._check_geometry(path, state)
+        return ckpt, state
+
+    def _check_geometry(self, path: Path, state: dict[str, Any]) -> None:
+        """The global batch (processes x batch x accum) fixes each step's samples and the schedule, so it must stay;
+        how it is split may change: the sampler hands every step the same samples (EpochBatchSampler)."""
+        cfg, old = self.cfg, state["train_config"]
+        w0 = int(state.get("world_size") or self.d.world)  # older checkpoints did not record it
+        was = (w0, int(old["batch_size"]), int(old["accum_freq"]))
+        now = (self.d.world, cfg.batch_size, cfg.accum_freq)
+
+        def split(w: int, b: int, a: int) -> str:
+            return f"{w} process{'es' if w != 1 else ''} x --batch-size {b} x --accum-freq {a}"
+
+        if math.prod(was) != math.prod(now):
+            raise CheckpointError(
+                f"{path}: the saved run's global batch was {math.prod(was)} ({split(*was)}), this run's is "
+                f"{math.prod(now)} ({split(*now)}); a resumed run must keep it (each step's samples and the LR "
+                f"schedule depend on it): pick --batch-size/--accum-freq so that processes x batch x accum = "
+                f"{math.prod(was)}, or start a new run from these weights with --init-checkpoint {path} and another --out"
+            )
+        if was != now:
+            self.resume_notes.append(
+                f"global batch {math.prod(now)} split as {split(*now)} (the saved run: {split(*was)}); every step "
+                "sees the same samples (BatchNorm statistics and per-process class centres follow the new split)"
+            )
+
+    def _check_data(self, path: Path, state: dict[str, Any], data: TrainData) -> None:
+        old, new = state.get("data"), data.identity
+        if old and old != new:
+            if old.get("kind") != new["kind"]:
+                what = f"{old.get('kind')} data then, {new['kind']} now"
+            elif old.get("samples") != new["samples"]:
+                what = f"{old.get('samples')} samples then, {new['samples']} now"
+            else:
+                what = f"the same {new['samples']} samples in number, but other images or captions"
+            if not self.cfg.accept_new_data:
+                raise CheckpointError(
+                    f"{path}: the training data differ from the saved run's ({what}); resume with the same --data, "
+                    f"--split and images, add --accept-new-data to go on with this run on the new data, or start a "
+                    f"new run from these weights with --init-checkpoint {path} and another --out"
+                )
+            self.resume_notes.append(f"training data changed ({what}); going on with the new data (--accept-new-data)")
+        split_changed = (state.get("world_size", self.d.world), state["train_config"].get("workers")) != (
+            self.d.world, self.cfg.workers)
+        if new["kind"] == "wds" and split_changed:
+            self.resume_notes.append(
+                "the webdataset stream is split by process and loader worker, which changed: the rest of the current "
+                "epoch is a new random draw, not the one the saved run would have seen"
+            )
+
+    def load_state(
+        self, path: Path, data: TrainData | None = None, resume: tuple[Checkpoint, dict[str, Any]] | None = None
+    ) -> tuple[int, int]:
+        """Restore weights, optimiser, scaler, RNG, step and histories; returns (epoch, step in epoch).
+
+        ``resume``: what :meth:`read_resume_state` returned (else it is read here); ``data``: compared with the
+        saved run's."""
+        ckpt, state = resume if resume is not None else self.read_resume_state(path)
+        if data is not None:
+            self._check_data(path, state, data)
         load_checkpoint(self.model, ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.val_history = self._merged_val_history(state.get("val_history", []))
         return int(state["epoch"]), int(state["step_in_epoch"])
+
+    def _merged_val_history(self, saved: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The checkpoint's validations plus those in metrics.jsonl up to its step: the epoch-end checkpoint is
+        written before that epoch's validation, so the log can hold one the checkpoint lacks. Later log lines come
+        from a segment that stopped without saving and are replayed by this one."""
+        def key(e: dict[str, Any]) -> tuple:
+            return e.get("epoch"), e.get("step"), bool(e.get("partial_epoch"))
+
+        merged: dict[tuple, dict[str, Any]] = {}
+        log = self.out / "metrics.jsonl"
+        if self.d.is_main and log.is_file():
+            for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut short when a process was killed mid-write
+                    continue
+                if not (isinstance(rec, dict) and rec.get("type") == "val" and isinstance(rec.get("step"), int)):
+                    continue
+                if rec["step"] <= self.step:
+                    e = {k: v for k, v in rec.items() if k not in ("type", "time", "split")}
+                    merged[key(e)] = e
+        merged.update((key(e), e) for e in saved)
+        return sorted(merged.values(), key=lambda e: (e.get("step") or 0, e.get("epoch") or 0))
 
     # ------------------------------------------------------------------ one optimiser step
     def _embed(self, micro: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -416,16 +553,20 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, d = self.cfg, self.d
         t_start = time.perf_counter()
+        # the checkpoint's own checks run before the (possibly long) decoding of the data; the data's after it
+        resume = self.read_resume_state(self.resume_path) if self.resume_path is not None else None
         data = TrainData(cfg, self.model.cfg.vision.image_size, self.model.cfg.text.context_length, d, self.out)
+        self.data_identity = data.identity
         total = cfg.epochs * data.steps_per_epoch
         if cfg.max_steps is not None:  # a step budget: equal for runs compared at the same cost
             total = min(total, cfg.max_steps)
         start_epoch, start_in_epoch = 0, 0
-        if self.resume_path is not None:
-            start_epoch, start_in_epoch = self.load_state(self.resume_path)
-            if start_in_epoch >= data.steps_per_epoch:
-                start_epoch, start_in_epoch = start_epoch + 1, 0
+        if resume is not None:
+            start_epoch, start_in_epoch = self.load_state(self.resume_path, data, resume)
         val_set, test_set = self._val_set(cfg.val_split, cfg.val_limit), self._val_set(cfg.test_split)
+        if d.is_main and cfg.overwrite and resume is None:
+            for f in ("metrics.jsonl", "summary.json"):
+                (self.out / f).unlink(missing_ok=True)
         log = MetricsLog(self.out, d.is_main, cfg.tensorboard)
         if d.is_main:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -433,20 +574,32 @@ class Trainer:
                   f"{data.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, global batch "
                   f"{cfg.batch_size * cfg.accum_freq * d.world}" + (f"; resuming at step {self.step}" if self.step else ""),
                   file=sys.stderr)
+            for note in self.resume_notes:
+                print(f"[train] resume: {note}", file=sys.stderr)
         skipped_stream, stream_skips = 0, []  # images dropped from batches (decoded on the fly), this process
         samples_done, train_seconds, data_seconds = 0, 0.0, 0.0
-        val_history: list[dict[str, Any]] = []
         stopped: str | None = None
         epoch = start_epoch
         with StopFlag() as flag:
             for epoch in range(start_epoch, cfg.epochs):
-                first = start_in_epoch if epoch == start_epoch else 0
-                it = data.loader(epoch, first)
+                # a run stopped on an epoch's last step resumes with that epoch's end (checkpoints, validation)
+                first = min(start_in_epoch, data.steps_per_epoch) if epoch == start_epoch else 0
+                it = data.loader(epoch, first) if first < data.steps_per_epoch else None
                 bar = tqdm(total=data.steps_per_epoch, initial=first, desc=f"epoch {epoch}", unit="step",
                            disable=not (cfg.progress and d.is_main), leave=False)
                 for k in range(first, data.steps_per_epoch):
                     t0 = time.perf_counter()
-                    micros = [next(it) for _ in range(cfg.accum_freq)]
+                    try:
+                        micros = [next(it) for _ in range(cfg.accum_freq)]
+                    except RuntimeError as e:
+                        # A worker killed by the stop signal all the same (ignore_stop_signals makes this rare):
+                        # the last completed step is intact, so it is saved. With several processes the others
+                        # are inside a collective of this step, so there is no consistent state to save.
+                        if flag.reason is None or d.enabled or "DataLoader worker" not in str(e):
+                            raise
+                        stopped = flag.reason
+                        self.save(self.ckpt_dir / "latest.pt", epoch, k)
+                        break
                     t1 = time.perf_counter()
                     for m in micros:
                         skipped_stream += len(m["skipped"])
@@ -492,10 +645,17 @@ class Trainer:
                 if val_set is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                     if d.is_main:
                         m = self.evaluate(val_set)
-                        val_history.append({"epoch": epoch + 1, "step": self.step, **m})
+                        self.val_history.append({"epoch": epoch + 1, "step": self.step, **m})
                         log.write("val", self.step, epoch=epoch + 1, split=cfg.val_split, **m)
                         print(f"[train] epoch {epoch + 1}: val mR {m['mR']:.2f} (R@1 i2t {m['i2t_R@1']:.2f}, t2i {m['t2i_R@1']:.2f})", file=sys.stderr)
                     d.barrier()
+                # a stop that came during the epoch's end (its last step had been checked): stop here rather than
+                # after the first step of the next epoch; a finished run just finishes
+                if epoch + 1 < cfg.epochs and any_rank(flag.reason is not None, d):
+                    stopped = flag.reason or "another process stopped"
+                    if (epoch + 1) % max(1, cfg.resume_every_epochs) != 0:
+                        self.save(self.ckpt_dir / "latest.pt", epoch + 1, 0)
+                    break
         if stream_skips and d.is_main:
             with (self.out / "skipped_images.txt").open("a", encoding="utf-8") as f:
                 f.writelines(f"{p}\t{e}\n" for p, e in stream_skips)
@@ -524,7 +684,8 @@ class Trainer:
             "python": platform.python_version(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv),
-            "val": val_history,
+            "val": self.val_history,  # every validation of the run, those of earlier (resumed) segments included
+            "resume_notes": self.resume_notes,
             "val_set": val_set.describe() if val_set is not None else None,
             "final_loss": self.history[-1] if self.history else None,
             "config": cfg.to_dict(),
@@ -540,7 +701,7 @@ class Trainer:
             )
         if stopped and val_set is not None and d.is_main:  # a time limit ended training mid-epoch: one last point
             m = self.evaluate(val_set)
-            val_history.append({"epoch": epoch + 1, "step": self.step, "partial_epoch": True, **m})
+            self.val_history.append({"epoch": epoch + 1, "step": self.step, "partial_epoch": True, **m})
             log.write("val", self.step, epoch=epoch + 1, split=cfg.val_split, partial_epoch=True, **m)
         if d.is_main:
             save_checkpoint(self.model, self.out / "model.pt", epoch=epoch, step=self.step)
@@ -563,8 +724,42 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     import torch.distributed as dist
 
     owned = not (dist.is_available() and dist.is_initialized())
+    made = _missing_dirs(Path(cfg.out)) if os.environ.get("RANK", "0") == "0" else []
     try:
         return Trainer(cfg).fit()
+    except TrainingInterrupted:
+        raise
+    except BaseException:
+        _remove_unused(made)
+        raise
     finally:
         if owned and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+# What a run writes before its first step: removed with the folders it created when it fails that early.
+_SCAFFOLDING = ("config.json", "skipped_images.txt", "events.out.tfevents.")
+
+
+def _missing_dirs(out: Path) -> list[Path]:
+    """The folders a run in ``out`` would create: missing ancestors, ``out``, and its sub-folders; deepest first."""
+    made = [q for q in (out / "checkpoints", out / "tensorboard") if not q.exists()]
+    for q in (out, *out.parents):
+        if q.exists():
+            break
+        made.append(q)
+    return made
+
+
+def _remove_unused(made: list[Path]) -> None:
+    """Remove the folders this failed run created if they hold nothing but scaffolding: no checkpoint, no metrics.
+    A folder that existed before the run is never touched, nor is anything else found in one it created."""
+    for q in made:  # deepest first
+        try:
+            entries = list(q.iterdir())
+            if all(e.is_file() and e.name.startswith(_SCAFFOLDING) for e in entries):
+                for e in entries:
+                    e.unlink()
+                q.rmdir()
+        except OSError:  # gone already, or not ours to empty: leave it
+            continue

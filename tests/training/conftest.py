@@ -25,6 +25,17 @@ def make_tiny(root, n_images: int = 24, size: int = 64):
     return json_path, img_dir
 
 
+def train_config(tiny_data, out, **kw):
+    """A TrainConfig for the tiny data: clip-tiny, one epoch of batch 8, no workers, no validation, no epoch files."""
+    from priorclip.training.trainer import TrainConfig
+
+    json_path, img_dir = tiny_data
+    base = dict(data=str(json_path), images=str(img_dir), out=str(out), model="clip-tiny", epochs=1, batch_size=8,
+                workers=0, progress=False, tensorboard=False, val_split=None, test_split=None, warmup=2, lr=1e-3,
+                log_every=1, epoch_checkpoints=False)
+    return TrainConfig(**(base | kw))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny"))
