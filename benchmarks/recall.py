@@ -35,7 +35,7 @@ from priorclip.parity import (
 )
 from priorclip.numerics import fp32_matmuls
 from priorclip.retrieval import METRIC_KEYS, iter_image_batches
-from priorclip.tokenizer import get_tokenizer
+from priorclip.tokenizer import clip_tokenizer
 
 
 @dataclass
@@ -53,7 +53,7 @@ def prepare(
     dataset: RetrievalSet, image_size: int, context_length: int, description: dict, workers: int = 4
 ) -> PreparedSet:
     pixels = torch.cat(list(iter_image_batches(dataset.images, image_size, 256, workers)))
-    tokens = get_tokenizer(context_length)(list(dataset.captions))
+    tokens = clip_tokenizer(context_length)(list(dataset.captions))
     desc = {**description, **dataset.describe()}
     return PreparedSet(pixels, tokens, dataset.caption_image, desc, dataset)
 

@@ -6,6 +6,19 @@ from priorclip.registry import DEFAULT_MODEL, create_model, get_config, list_mod
 
 __version__ = "0.1.0"
 
+# open_clip's names (priorclip.factory), imported on first use: they need torch, which `priorclip --help` does not.
+_LAZY = {"create_model_and_transforms": "priorclip.factory", "create_model_from_pretrained": "priorclip.factory",
+         "get_tokenizer": "priorclip.factory", "tokenize": "priorclip.tokenizer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'priorclip' has no attribute {name!r}")
+
+
 __all__ = [
     "GATES",
     "DEFAULT_MODEL",
@@ -17,6 +30,10 @@ __all__ = [
     "TextConfig",
     "VisionConfig",
     "create_model",
+    "create_model_and_transforms",
+    "create_model_from_pretrained",
     "get_config",
+    "get_tokenizer",
     "list_models",
+    "tokenize",
 ]

@@ -9,6 +9,8 @@ from priorclip.config import ModelConfig, PriorConfig, TextConfig, VisionConfig
 
 MODELS: dict[str, ModelConfig] = {}
 DEFAULT_MODEL = "priorclip-vit-b32"
+# open_clip config names of the released checkpoints (the official code registers the model as "PIR")
+ALIASES = {"PIR": "priorclip-vit-b32"}
 
 
 def register(cfg: ModelConfig) -> ModelConfig:
@@ -23,10 +25,12 @@ def list_models() -> list[str]:
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
+    name = ALIASES.get(name, name)
     if name not in MODELS:
         from priorclip.errors import PriorCLIPError
 
-        raise PriorCLIPError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise PriorCLIPError(f"unknown model {name!r}; known models: {', '.join(list_models())} "
+                             f"(open_clip names: {', '.join(ALIASES)})")
     return MODELS[name].replace(**overrides) if overrides else MODELS[name]
 
 

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from priorclip.data import RetrievalSet
 from priorclip.encoder import Encoder, encode_images_with_order
-from priorclip.tokenizer import get_tokenizer
-from priorclip.transforms import EvalTransform, open_image
+from priorclip.tokenizer import clip_tokenizer
+from priorclip.transforms import EvalTransform
 
 KS = (1, 5, 10)
 METRIC_KEYS = tuple(f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS) + ("mR",)
@@ -78,15 +78,15 @@ def chance_metrics(caption_image: np.ndarray, n_images: int) -> dict[str, float]
 
 
 def iter_image_batches(paths: Sequence, image_size: int, batch_size: int, workers: int = 4):
-    """Yield preprocessed pixel batches [B, 3, S, S]; decoding runs in threads (PIL releases the GIL)."""
+    """Yield preprocessed pixel batches [B, 3, S, S]; decoding runs in threads (PIL releases the GIL).
+
+    Each image is read with :meth:`EvalTransform.load` (pixel limit from the header, large JPEGs decoded at reduced
+    scale); the first unreadable one raises :class:`~priorclip.errors.DataError` naming it.
+    """
     transform = EvalTransform(image_size)
-
-    def load(p):
-        return transform(open_image(p))
-
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for s in range(0, len(paths), batch_size):
-            yield torch.stack(list(pool.map(load, paths[s : s + batch_size])))
+            yield torch.stack(list(pool.map(transform.load, paths[s : s + batch_size])))
 
 
 def embed_images(encoder: Encoder, paths: Sequence, batch_size: int = 64, progress: bool = True, workers: int = 4) -> torch.Tensor:
@@ -112,7 +112,7 @@ def embed_images_with_orders(encoder: Encoder, paths: Sequence, batch_size: int 
 
 
 def embed_texts(encoder: Encoder, captions: Sequence[str], batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    tokenizer = get_tokenizer(encoder.context_length)
+    tokenizer = clip_tokenizer(encoder.context_length)
     chunks = []
     with tqdm(total=len(captions), desc="captions", unit="cap", disable=not progress) as bar:
         for s in range(0, len(captions), batch_size):

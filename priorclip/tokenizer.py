@@ -119,9 +119,11 @@ class ClipTokenizer:
 
 
 @lru_cache
-def get_tokenizer(context_length: int = 77) -> ClipTokenizer:
+def clip_tokenizer(context_length: int = 77) -> ClipTokenizer:
+    """The shared tokenizer for a context length (building one reads the 49k merges: cached)."""
     return ClipTokenizer(context_length)
 
 
 def tokenize(texts: str | list[str], context_length: int = 77) -> torch.Tensor:
-    return get_tokenizer(context_length)(texts)
+    """Token ids ``[N, context_length]`` (int64), as ``open_clip.tokenize``."""
+    return clip_tokenizer(context_length)(texts)

@@ -24,7 +24,13 @@ AID_RSICD = REPO.parent / "shared" / "data" / "aid-rsicd"
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_data = pytest.mark.skip(reason=f"real data not found at {AID_RSICD}")
+    # Compiles (torch.compile, AOTInductor) and full-config exports take one to several minutes each on two cores
+    # with a cold compiler cache, as CI has: they run with PRIORCLIP_SLOW=1 (and on the GPU queue), not in plain pytest.
+    skip_slow = pytest.mark.skip(reason="slow test: set PRIORCLIP_SLOW=1 to run it")
+    run_slow = os.environ.get("PRIORCLIP_SLOW") == "1"
     for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if "data" in item.keywords and not (AID_RSICD / "dataset_rsicd_aid.json").is_file():

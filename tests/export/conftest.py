@@ -1,27 +1,16 @@
 """Fixtures for the exporter tests: a seeded tiny model, its exports (built once per session) and a generated set.
 
 Tests marked ``slow`` here (AOTInductor compiles, the full-config end-to-end export) run only with
-``PRIORCLIP_SLOW=1``: CI runs plain ``pytest``, and each of them takes a minute or more on two cores.
+``PRIORCLIP_SLOW=1`` (tests/conftest.py).
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("PRIORCLIP_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow export test: set PRIORCLIP_SLOW=1 to run it")
-    for item in items:
-        if "slow" in item.keywords and "tests/export" in str(item.fspath).replace(os.sep, "/"):
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from priorclip.tokenizer import ClipTokenizer, get_tokenizer, tokenize
+from priorclip.tokenizer import ClipTokenizer, clip_tokenizer, tokenize
 
 CAPTIONS = [
     "Many buildings and green trees are around a playground.",
@@ -32,7 +32,7 @@ def test_matches_open_clip_ids(open_clip):
     assert ours.dtype == torch.long and ours.shape == (len(CAPTIONS), 77)
     assert torch.equal(ours, want)
     for text in CAPTIONS:
-        assert get_tokenizer().encode(text) == ref.encode(text)
+        assert clip_tokenizer().encode(text) == ref.encode(text)
 
 
 def test_special_tokens_and_truncation():
@@ -47,7 +47,7 @@ def test_special_tokens_and_truncation():
 
 
 def test_decode_round_trip():
-    tok = get_tokenizer()
+    tok = clip_tokenizer()
     assert tok.decode(tok("Two boats, near a pier!")[0].tolist()) == "two boats , near a pier !"
 
 
