@@ -129,7 +129,8 @@ def embed(model_name, checkpoint, gate, images, captions, out, batch_size, skip_
         n_not_images = len(skipped)
         if listing.skipped:
             names = ", ".join(p.name for p, _ in listing.skipped[:5]) + (", ..." if len(listing.skipped) > 5 else "")
-            click.echo(f"note: left out {len(listing.skipped)} files that are not images PIL reads ({names})", err=True)
+            click.echo(f"note: left out {_count(len(listing.skipped), 'file')} that PIL does not read as images ({names})",
+                       err=True)
         enc = _encoder(model_name, checkpoint, gate, device, precision)
         # every image is checked before the first batch: from its header (format, pixel limit, pages), and with
         # --skip-bad decoded as embedding will decode it, so the matrix rows and the index stay aligned
@@ -166,10 +167,14 @@ def embed(model_name, checkpoint, gate, images, captions, out, batch_size, skip_
     if skipped:
         write_text(skipped_path, "\n".join(skipped) + "\n")
         bad = len(skipped) - n_not_images
-        click.echo(f"wrote {skipped_path}: {len(skipped)} files left out ({bad} unreadable images, {n_not_images} "
-                   "files that are not images), one per line with the reason", err=True)
+        click.echo(f"wrote {skipped_path}: {_count(len(skipped), 'file')} left out ({_count(bad, 'unreadable image')}, "
+                   f"{_count(n_not_images, 'other file')}), one per line with the reason", err=True)
     elif skipped_path.exists():  # this output's list from an earlier run would now describe nothing
         skipped_path.unlink()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _run_eval(enc, dataset, batch_size, workers, label: str, extra: dict, out_json: Path | None, save_embeddings: Path | None):

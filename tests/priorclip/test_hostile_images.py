@@ -208,7 +208,7 @@ def test_embed_gif_and_multipage_tiff_embed_page_zero(tmp_path, mixed_folder):
     assert [r["image"].rsplit("/", 1)[1] for r in rows] == ["a_red.jpg", "b_anim.gif", "c_pages.tif"]
     assert [(r.get("page"), r.get("pages")) for r in rows] == [(None, None), (0, 2), (0, 3)]  # the page embedded
     assert "README.txt\tnot an image format PIL reads" in (tmp_path / "e.skipped.txt").read_text()
-    assert "1 files left out (0 unreadable images, 1 files that are not images)" in r.output
+    assert "1 file left out (0 unreadable images, 1 other file)" in r.output
     (mixed_folder / "README.txt").unlink()  # a rerun with nothing left out must not keep the old list beside it
     assert run("embed", "--checkpoint", ckpt, "--images", mixed_folder, "--out", tmp_path / "e.npy").exit_code == 0
     assert not (tmp_path / "e.skipped.txt").exists()
