@@ -120,8 +120,11 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, shapes: dict, tim
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise PriorCLIPError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
-    plan_path.write_bytes(bytes(plan))
-    timing_cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    from priorclip.cliutils import atomic_write
+
+    for path, blob in ((plan_path, plan), (timing_cache_path, config.get_timing_cache().serialize())):
+        with atomic_write(path) as tmp:  # a build cut off mid-write never leaves half a plan or cache behind
+            tmp.write_bytes(bytes(blob))
     return {"plan": plan_path.name, "build_seconds": round(time.perf_counter() - t0, 2),
             "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in shapes.items()}}
 

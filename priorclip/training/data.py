@@ -216,9 +216,9 @@ class TrainTransform:
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
-            from priorclip.transforms import center_crop, resize_shortest
+            from priorclip.transforms import resize_center_crop
 
-            img = center_crop(resize_shortest(img, s), s)
+            img = resize_center_crop(img, s)  # the eval transform's resize and crop, memory bounded for thin images
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, S, S]
 
 
