@@ -35,11 +35,11 @@ from typing import Any, Callable
 import click
 import torch
 
-from priorclip.cliutils import ensure_writable_dir, user_errors
+from priorclip.cliutils import check_output_dir, user_errors, write_text
 from priorclip.kernels import belief_gate as bg
+from priorclip.numerics import DTYPES
 
 SCHEMA = "priorclip-kernel-bench/1"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIGS = [(bd, w) for bd in (64, 128, 256) for w in (2, 4, 8)]  # (BLOCK_D, num_warps) grid of the fused kernel
 
 
@@ -413,15 +413,15 @@ def main(out_dir: str, device: str, batches: str, dtypes: str, shape: str, iters
         raise click.ClickException(str(e)) from None
     from priorclip.benchmarks.report import environment
 
-    out = ensure_writable_dir(out_dir)
+    out = check_output_dir(out_dir, option="--out")  # created by the first write, just below
     bw = copy_bandwidth_gbs(dev)
     doc = {"schema": SCHEMA, "environment": environment(dev), "copy_bandwidth_gbs": bw, "dry_run": dev.type != "cuda",
            "shape": {"patches": sh[0], "width": sh[1], "prior_features": sh[2]}, "rows": []}
 
     def write(rows: list[dict]) -> None:
         doc["rows"] = rows
-        (out / "kernels.json").write_text(json.dumps(doc, indent=1) + "\n")
-        (out / "kernels.md").write_text(markdown(doc))
+        write_text(out / "kernels.json", json.dumps(doc, indent=1) + "\n")  # atomic: a timeout keeps the last rows
+        write_text(out / "kernels.md", markdown(doc))
 
     write([])
     rows: list[dict] = []

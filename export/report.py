@@ -167,7 +167,7 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
             title = f"{'FP16 fp32-keep list' if study == 'fp16' else 'INT8 keep-fp layers'} study, {head['model']}"
     md = [f"# {title}\n"]
     md += [f"- {k}: {v}" for k, v in head.items() if k not in ("versions", "tolerances") and v]
-    md.append(f"- versions: " + ", ".join(f"{k} {v}" for k, v in head["versions"].items() if v))
+    md.append("- versions: " + ", ".join(f"{k} {v}" for k, v in head["versions"].items() if v))
     md.append("- tolerances: " + "; ".join(f"{k}: cosine >= {v.min_cosine}, |ΔmR| <= {v.max_abs_delta_mR} "
                                           f"(judged from {min_images_for_dmr(k)} images)"
                                           for k, v in TOLERANCES.items()))

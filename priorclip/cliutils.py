@@ -307,13 +307,6 @@ def write_npz(path: str | Path, **arrays: Any) -> Path:
     return path
 
 
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Create folder ``path`` (and parents) and check it takes files. Raises :class:`PriorCLIPError`. Prefer
-    :func:`output_dir`, which also removes the folders again when the run fails."""
-    with output_dir(path) as p:
-        return p
-
-
 def image_count(minimum: int = 1) -> Callable:
     """Click callback for an ``N|all`` option: None stays None (the command's default), ``all`` is 0 (the whole
     split), anything else an integer >= ``minimum``."""

@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from priorclip.errors import PriorCLIPError
+from priorclip.numerics import DTYPES
 from priorclip.registry import DEFAULT_MODEL, get_config
 from priorclip.tokenizer import ClipTokenizer, clip_tokenizer
-from priorclip.transforms import OPENAI_MEAN, OPENAI_STD, EvalTransform
+from priorclip.transforms import EvalTransform
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def get_tokenizer(model_name: str = "", context_length: int | None = None) -> ClipTokenizer:
@@ -44,11 +44,11 @@ class TrainPreprocess:
         self.image_size = image_size
         self._augment = TrainTransform(image_size)
         self._rng = np.random.default_rng(seed)
-        self._mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(OPENAI_STD).view(3, 1, 1)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return (self._augment(img, self._rng).float().div_(255.0) - self._mean) / self._std
+        from priorclip.training.data import normalize_on_device
+
+        return normalize_on_device(self._augment(img, self._rng)[None])[0]  # the trainer's own normalisation
 
     def __repr__(self) -> str:
         return f"TrainPreprocess(image_size={self.image_size}, random resized crop 0.5-1 + flip, OpenAI mean/std)"
@@ -65,10 +65,10 @@ def _build(model_name: str | None, checkpoint, pretrained, precision: str, devic
     ):  # open_clip tags such as 'openai' or 'laion2b_s34b_b79k' name downloads; nothing is downloaded here
         raise PriorCLIPError(f"pretrained={weights!r}: no such file; priorclip loads weights only from a local "
                              "checkpoint file (open_clip's download tags are not available)")
-    if precision not in PRECISIONS:
-        raise PriorCLIPError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision not in DTYPES:
+        raise PriorCLIPError(f"precision={precision!r}: expected one of {', '.join(DTYPES)}")
     model = create_model(model_name or None, checkpoint=weights, **overrides)
-    return model.to(device=torch.device(device), dtype=PRECISIONS[precision])
+    return model.to(device=torch.device(device), dtype=DTYPES[precision])
 
 
 def create_model_and_transforms(

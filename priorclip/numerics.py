@@ -1,4 +1,5 @@
-"""Numerics switches shared by the reference paths (export parity, benchmark recall)."""
+"""Numerics shared by the model's users: precision names, and the switches of the reference paths (export parity,
+benchmark recall)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+
+# Precision names of the CLIs and engines -> torch dtypes (int8/fp8 are quantisation schemes, not tensor dtypes).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @contextlib.contextmanager

@@ -240,14 +240,17 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8), "L")
 
 
-def resize_shortest(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
+def shortest_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the shortest side to ``size``, as torchvision computes it."""
     short, long = (w, h) if w <= h else (h, w)
-    if short == size:
+    new_long = int(size * long / short)  # torchvision truncates the long side
+    return (size, new_long) if w <= h else (new_long, size)
+
+
+def resize_shortest(img: Image.Image, size: int) -> Image.Image:
+    if min(img.size) == size:
         return img
-    new_short, new_long = size, int(size * long / short)  # torchvision truncates the long side
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return img.resize(shortest_side_size(*img.size, size), Image.Resampling.BICUBIC)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -273,13 +276,11 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     open_clip).
     """
     w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short == size:
+    if min(w, h) == size:
         return center_crop(img, size)
-    new_long = int(size * long / short)  # torchvision truncates the long side
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    new_w, new_h = shortest_side_size(w, h, size)
     if new_w * new_h <= THIN_FACTOR * size * size:
-        return center_crop(img.resize((new_w, new_h), Image.Resampling.BICUBIC), size)
+        return center_crop(resize_shortest(img, size), size)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))  # center_crop's offsets
     sx, sy = w / new_w, h / new_h  # resized -> source coordinates
     return _resize_window(img, size, (left * sx, top * sy, (left + size) * sx, (top + size) * sy))

@@ -48,8 +48,8 @@ import torch
 from priorclip.encoder import Encoder, TorchEncoder, encode_images_with_order
 from priorclip.errors import PriorCLIPError
 from priorclip.model import PriorCLIP
+from priorclip.numerics import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 
