@@ -80,13 +80,15 @@ def _slug(text: str) -> str:
     "--text-length",
     type=click.IntRange(min=2),
     help="Tokens per benchmark caption incl. start/end "
-    "(default: the full context, 77). Eager PyTorch trims to it; compiled and exported engines run 77 anyway.",
+    "(default: the model's full context: 77, 47 for PIR). PriorCLIP: eager PyTorch trims to it; torch-compile runs 77 "
+    "anyway. PIR attends to its padding: every engine runs the batch's ids as given, at this length.",
 )
 @click.option(
     "--real-captions",
     is_flag=True,
     help="Time texts on captions drawn from the recall set (their real lengths: engines that cut to the batch's "
-    "longest caption run that) instead of --text-length tokens; fixed-length engines still run the full context.",
+    "longest caption run that; PIR runs them padded to the batch's longest, as its tokenizer pads) instead of "
+    "--text-length tokens; fixed-length engines still run the full context.",
 )
 @click.option(
     "--towers",

@@ -15,7 +15,9 @@ Method (the same for every backend, so the rows compare):
   their total is the throughput measurement (no second pass); on GPU it is a second, unsynchronised pass;
 - achieved TFLOP/s = batch x FLOPs per item x throughput, FLOPs counted on the model itself (``FlopCounterMode``,
   the same count as ``priorclip info``) at the text length the engine really runs (full context for fixed-length
-  engines, the caption length for the trimming eager model);
+  engines, the caption length for the trimming eager model, the batch's width for PIR, which runs its ids as given);
+- inputs follow the model family (``cfg.family``): CLIP ids (SOT ... EOT) for PriorCLIP, BERT ids ([CLS] word
+  pieces [PAD]) for PIR; images go through the model's own eval transform (:func:`priorclip.preprocess.preprocess_for`);
 - the machine's peak is measured in the same run by matrix products (fp16 and bf16 8192^3 on GPU; on CPU fp32 at a
   few sizes in torch and ONNX Runtime, the best of them), so "fraction of peak" needs no datasheet; on GPU every row
   is divided by the half-precision peak (the fp32 matrix-product peak is recorded beside it);
@@ -41,7 +43,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from priorclip.config import ModelConfig
+from priorclip.config import FAMILY_PIR, FAMILY_PRIORCLIP, AnyConfig
 from priorclip.profile import _count
 from priorclip.serve.engines import Engine
 from priorclip.transforms import EvalTransform
@@ -232,14 +234,24 @@ def peak_for(precision: str, peaks: dict[str, float]) -> float | None:
     return peaks.get("fp32")
 
 
-@lru_cache(maxsize=64)
-def gflop_per_item(cfg: ModelConfig, tower: str, text_length: int | None = None) -> float:
-    """FLOPs (2 x MAC) of one image, or one caption of ``text_length`` tokens, counted on a meta-device model."""
-    from priorclip.model import PriorCLIP
-
+def _meta_model(cfg: AnyConfig) -> torch.nn.Module:
+    """The model of ``cfg``'s family on the meta device (nothing allocated), texts counted at the length given."""
     with torch.device("meta"):
+        if cfg.family == FAMILY_PIR:
+            from priorclip.pir import PIR
+
+            return PIR(cfg).eval()
+        from priorclip.model import PriorCLIP
+
         model = PriorCLIP(cfg).eval()
-    model.trim_text = False
+    model.trim_text = False  # the data-dependent trim cannot run on meta tensors
+    return model
+
+
+@lru_cache(maxsize=64)
+def gflop_per_item(cfg: AnyConfig, tower: str, text_length: int | None = None) -> float:
+    """FLOPs (2 x MAC) of one image, or one caption of ``text_length`` tokens, counted on a meta-device model."""
+    model = _meta_model(cfg)
     with torch.no_grad():
         if tower == "image":
             s = cfg.vision.image_size
@@ -250,9 +262,21 @@ def gflop_per_item(cfg: ModelConfig, tower: str, text_length: int | None = None)
     return flops / 1e9
 
 
-def make_token_batch(batch: int, length: int, context_length: int, vocab_size: int, seed: int) -> torch.Tensor:
-    """Random token ids [batch, context]: SOT, ``length - 2`` random ids, EOT at ``length - 1``, zero padding after."""
+PIR_CLS, PIR_FIRST_WORD_PIECE = 101, 1000  # BERT's [CLS]; ids below 1000 are [PAD], [unused*], [UNK], [SEP], ...
+
+
+def make_token_batch(batch: int, length: int, context_length: int, vocab_size: int, seed: int,
+                     family: str = FAMILY_PRIORCLIP) -> torch.Tensor:
+    """Random token ids. PriorCLIP: [batch, context]: SOT, ``length - 2`` random ids, EOT at ``length - 1``, zero
+    padding after. PIR: [batch, length], as its tokenizer pads a batch (to its longest row, which PIR attends to):
+    [CLS] and random word pieces, the first row ``length`` ids long, the others 2 to ``length``, [PAD]=0 after."""
     g = torch.Generator().manual_seed(seed)
+    if family == FAMILY_PIR:
+        tokens = torch.randint(PIR_FIRST_WORD_PIECE, vocab_size, (batch, length), generator=g)
+        tokens[:, 0] = PIR_CLS
+        ends = torch.randint(min(2, length), length + 1, (batch,), generator=g)
+        ends[0] = length
+        return tokens.masked_fill(torch.arange(length) >= ends[:, None], 0)
     tokens = torch.zeros(batch, context_length, dtype=torch.long)
     tokens[:, 0] = vocab_size - 2  # <start_of_text>
     if length > 2:
@@ -261,17 +285,36 @@ def make_token_batch(batch: int, length: int, context_length: int, vocab_size: i
     return tokens
 
 
-def caption_batch(caption_tokens: torch.Tensor, batch: int, seed: int) -> torch.Tensor:
-    """``batch`` rows of real tokenised captions [N, ctx], drawn at random (seeded; without repeats while N allows)."""
+def caption_batch(caption_tokens: torch.Tensor, batch: int, seed: int, family: str = FAMILY_PRIORCLIP) -> torch.Tensor:
+    """``batch`` rows of real tokenised captions [N, ctx], drawn at random (seeded; without repeats while N allows).
+
+    PIR: the [PAD] columns no drawn row needs are dropped, which gives exactly what its tokenizer makes of these
+    captions as one batch (padded to the longest of them), the ids PIR must see."""
     g = torch.Generator().manual_seed(seed)
     n = caption_tokens.shape[0]
     idx = torch.randperm(n, generator=g)[:batch] if batch <= n else torch.randint(0, n, (batch,), generator=g)
-    return caption_tokens[idx]
+    rows = caption_tokens[idx]
+    return strip_padding(rows) if family == FAMILY_PIR else rows
 
 
-def tokens_run(pool: Sequence[torch.Tensor]) -> int:
-    """The text length an engine that cuts to the batch's longest caption runs, averaged over the pool's batches."""
+def strip_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """[B, L] ids without their trailing all-[PAD] columns (at least one column kept)."""
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else 1
+    return tokens[:, :width]
+
+
+def tokens_run(pool: Sequence[torch.Tensor], family: str = FAMILY_PRIORCLIP) -> int:
+    """The text length an engine runs, averaged over the pool's batches: the batch's longest caption (EOT + 1) for
+    engines that cut to it; for PIR the batch's own width (its ids run as given)."""
+    if family == FAMILY_PIR:
+        return round(sum(t.shape[1] for t in pool) / len(pool))
     return round(sum(int(t.argmax(dim=-1).max()) + 1 for t in pool) / len(pool))
+
+
+def family_of(engine) -> str:
+    """The model family an engine runs (``config.family``; an engine without a config is open-domain)."""
+    return getattr(getattr(engine, "config", None), "family", FAMILY_PRIORCLIP)
 
 
 def input_pool(
@@ -279,7 +322,8 @@ def input_pool(
     caption_tokens: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Distinct input batches on the engine's device (fewer of the big ones, to bound memory). Text batches are
-    synthetic captions of ``text_length`` tokens, or real ones drawn from ``caption_tokens`` [N, ctx]."""
+    synthetic captions of ``text_length`` tokens, or real ones drawn from ``caption_tokens`` [N, ctx], in the ids of
+    the engine's model family."""
     if size is None:
         size = 4 if batch <= 64 else 2
     dev = engine.device if engine.device.type == "cuda" else torch.device("cpu")
@@ -287,17 +331,18 @@ def input_pool(
         g = torch.Generator().manual_seed(1000 + batch)
         s = engine.image_size
         return [torch.randn(batch, 3, s, s, generator=g).to(dev) for _ in range(size)]
+    family = family_of(engine)
     if caption_tokens is not None:
-        return [caption_batch(caption_tokens, batch, 3000 + batch * 7 + i).to(dev) for i in range(size)]
+        return [caption_batch(caption_tokens, batch, 3000 + batch * 7 + i, family).to(dev) for i in range(size)]
     return [
-        make_token_batch(batch, text_length, engine.context_length, vocab_size, 2000 + batch * 7 + i).to(dev)
+        make_token_batch(batch, text_length, engine.context_length, vocab_size, 2000 + batch * 7 + i, family).to(dev)
         for i in range(size)
     ]
 
 
 def bench_engine(
     engine: Engine,
-    cfg: ModelConfig,
+    cfg: AnyConfig,
     batch_sizes: Sequence[int],
     warmup: int,
     iters: int,
@@ -342,7 +387,7 @@ def bench_engine(
                 if engine.fixed_text_length:
                     tokens = engine.context_length
                 else:
-                    tokens = tokens_run(pool) if caption_tokens is not None else text_length
+                    tokens = tokens_run(pool, family_of(engine)) if caption_tokens is not None else text_length
             gflop = gflop_per_item(cfg, tower, tokens)
             items_per_s = batch * pipe_calls / pipe_s
             tflops = items_per_s * gflop / 1e3
@@ -373,7 +418,7 @@ def bench_engine(
 
 
 def prime(
-    engine: Engine, cfg: ModelConfig, batch_sizes: Sequence[int], text_length: int, towers: Sequence[str] = TOWERS
+    engine: Engine, cfg: AnyConfig, batch_sizes: Sequence[int], text_length: int, towers: Sequence[str] = TOWERS
 ) -> float:
     """One call per tower and batch size (compilation, autotuning, CUDA-graph capture happen here); seconds taken."""
     t0 = time.perf_counter()
@@ -405,9 +450,11 @@ def _decode(transform: EvalTransform, data: bytes) -> torch.Tensor:
     return transform.load(data)  # the product's read path: pixel limit, JPEG draft decode, one DataError line
 
 
-def decode_rate(jpegs: Sequence[bytes], image_size: int, workers: int) -> float:
-    """Images/s of decode + eval transform alone (the CPU ceiling of the end-to-end rate)."""
-    transform = EvalTransform(image_size)
+def decode_rate(jpegs: Sequence[bytes], transform: EvalTransform | int, workers: int) -> float:
+    """Images/s of decode + eval transform alone (the CPU ceiling of the end-to-end rate); ``transform``: the model's
+    (:func:`priorclip.preprocess.preprocess_for`), or an image size for the open-domain crop transform."""
+    if isinstance(transform, int):
+        transform = EvalTransform(transform)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda b: _decode(transform, b), jpegs[: min(len(jpegs), 4 * workers)]))  # warm
         t0 = time.perf_counter()
@@ -421,7 +468,9 @@ def e2e_rate(engine: Engine, jpegs: Sequence[bytes], batch: int, workers: int) -
     All decodes are submitted up front, so decoding the next batch overlaps encoding this one, as a service would
     pipeline it. Includes the host-to-device copy and bringing the embeddings back to the host.
     """
-    transform = EvalTransform(engine.image_size)
+    from priorclip.preprocess import preprocess_for
+
+    transform = preprocess_for(engine).transform  # the model's own (PIR squashes, PriorCLIP crops)
     # warm-up at the exact batch size (compiled engines are already specialised for it by the timing pass)
     engine.encode_images(torch.stack([_decode(transform, b) for b in jpegs[:batch]]))
     _sync(engine.device)

@@ -34,28 +34,44 @@ from priorclip.parity import (
     verdict,
 )
 from priorclip.numerics import fp32_matmuls
+from priorclip.preprocess import preprocess_for
 from priorclip.retrieval import METRIC_KEYS, iter_image_batches
-from priorclip.tokenizer import clip_tokenizer
 
 
 @dataclass
 class PreparedSet:
-    """A retrieval set already preprocessed: pixels [N_img, 3, S, S] and tokens [N_txt, ctx] on the host."""
+    """A retrieval set already preprocessed: pixels [N_img, 3, S, S] and tokens [N_txt, ctx] on the host.
+
+    ``text_batches``: for a model that attends to padding (PIR), the caption batches exactly as its tokenizer made
+    them (chunks of 128, each padded to its longest caption), the only way its texts are embedded; ``tokens`` then
+    holds the same rows padded to the context (for drawing timed captions). None: any row slice of ``tokens``."""
 
     pixels: torch.Tensor
     tokens: torch.Tensor
     caption_image: np.ndarray
     description: dict  # name, path, split, generated + RetrievalSet.describe() (size and class coverage)
     dataset: RetrievalSet | None = None  # the set itself: exporting engines get it as their parity set
+    text_batches: list[torch.Tensor] | None = None
+
+    def token_batches(self, batch: int) -> list[torch.Tensor]:
+        """The caption batches an encoder embeds, in caption order."""
+        if self.text_batches is not None:
+            return self.text_batches
+        return [self.tokens[s : s + batch] for s in range(0, len(self.tokens), batch)]
 
 
-def prepare(
-    dataset: RetrievalSet, image_size: int, context_length: int, description: dict, workers: int = 4
-) -> PreparedSet:
-    pixels = torch.cat(list(iter_image_batches(dataset.images, image_size, 256, workers)))
-    tokens = clip_tokenizer(context_length)(list(dataset.captions))
+def prepare(dataset: RetrievalSet, config, description: dict, workers: int = 4) -> PreparedSet:
+    """Pixels and token ids of ``dataset`` through ``config``'s preprocessing (:func:`preprocess_for`: its image
+    transform, tokenizer and caption batching)."""
+    pre = preprocess_for(config)
+    ctx = config.text.context_length
+    pixels = torch.cat(list(iter_image_batches(dataset.images, pre.transform, 256, workers)))
+    chunks = list(pre.text_batches(list(dataset.captions), len(dataset.captions) or 1))
+    tokens = torch.cat([torch.nn.functional.pad(c, (0, ctx - c.shape[1])) for c in chunks]) if chunks else \
+        torch.zeros(0, ctx, dtype=torch.long)
     desc = {**description, **dataset.describe()}
-    return PreparedSet(pixels, tokens, dataset.caption_image, desc, dataset)
+    return PreparedSet(pixels, tokens, dataset.caption_image, desc, dataset,
+                       text_batches=chunks if pre.text_chunk else None)
 
 
 def embed(encoder: Encoder, data: PreparedSet, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -66,9 +82,7 @@ def embed(encoder: Encoder, data: PreparedSet, batch: int) -> tuple[torch.Tensor
         emb, order = encode_images_with_order(encoder, data.pixels[s : s + batch])
         imgs.append(emb.float().cpu())
         orders.append(None if order is None else order.long().cpu())
-    txt = torch.cat(
-        [encoder.encode_texts(data.tokens[s : s + batch]).float().cpu() for s in range(0, len(data.tokens), batch)]
-    )
+    txt = torch.cat([encoder.encode_texts(t).float().cpu() for t in data.token_batches(batch)])
     order = torch.cat(orders) if orders and all(o is not None for o in orders) else None
     return torch.cat(imgs), txt, order
 

@@ -746,9 +746,11 @@ def render_markdown(doc: dict, plot_name: str | None = None) -> str:
         "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"- weights: {cfg['weights']}; batch sizes {cfg['batch_sizes']}; {cfg['warmup']} warm-up + {cfg['iters']} timed "
         f"calls per point; text inputs "
-        + ("real captions drawn from the recall set (the tokens column: the batch's longest, averaged" if
+        + ("real captions drawn from the recall set (the tokens column: the batch's longest, averaged; " if
            cfg.get("real_captions") else f"{cfg['text_length']} tokens (")
-        + f"; engines with a fixed text length run {doc['model']['context_length']})",
+        + (f"engines with a fixed text length run {doc['model']['context_length']})"
+           if doc["model"].get("family", "priorclip") == "priorclip" else
+           "PIR attends to its [PAD] tokens: every engine runs its ids as given, padded to the batch's longest)"),
         "- measured peak (dense matrix product): "
         + ", ".join(f"{k} {val:.2f} TFLOP/s" for k, val in doc["peak_tflops"].items()),
         f"- model: {doc['model']['params_total'] / 1e6:.2f} M parameters; {doc['model']['gflop_image']:.3f} GFLOP per image, "

@@ -29,6 +29,7 @@ import torch
 from priorclip.benchmarks import harness
 from priorclip.benchmarks import recall as recall_mod
 from priorclip.benchmarks.report import H100_REFERENCE_POINTS, SCHEMA, environment, finalize
+from priorclip.config import FAMILY_PRIORCLIP
 from priorclip.errors import PriorCLIPError
 from priorclip.parity import JUDGED_SET_IMAGES
 from priorclip.serve.engines import (
@@ -37,6 +38,7 @@ from priorclip.serve.engines import (
     Engine,
     available_backends,
     create_engine,
+    family_reason,
     supported_precisions,
 )
 
@@ -109,9 +111,11 @@ def parse_engines(spec: str) -> list[tuple[str, str]]:
     return out
 
 
-def plan_engines(opts: BenchOptions, device: torch.device) -> tuple[list[tuple[str, str]], list[dict]]:
-    """The (backend, precision) pairs to run, and engine rows for those that cannot run here."""
-    avail = available_backends(device)
+def plan_engines(opts: BenchOptions, device: torch.device,
+                 family: str = FAMILY_PRIORCLIP) -> tuple[list[tuple[str, str]], list[dict]]:
+    """The (backend, precision) pairs to run, and engine rows for those that cannot run here or cannot run a model of
+    ``family`` (``cfg.family``)."""
+    avail = {b: reason or family_reason(b, family) for b, reason in available_backends(device).items()}
     skipped: list[dict] = []
     if opts.engines:
         pairs = list(opts.engines)
@@ -125,7 +129,9 @@ def plan_engines(opts: BenchOptions, device: torch.device) -> tuple[list[tuple[s
         backends = opts.backends or list(DEFAULT_BACKENDS.get(device.type) or BACKENDS)
         if not opts.backends:
             for b in BACKENDS:
-                if b not in backends and avail.get(b) is None:
+                if b not in backends and (why := family_reason(b, family)) is not None:
+                    skipped.append(_engine_row(b, "-", "unavailable", why))  # what a GPU run would lack, too
+                elif b not in backends and avail.get(b) is None:
                     skipped.append(
                         _engine_row(
                             b,
@@ -192,7 +198,7 @@ def recall_source(opts: BenchOptions) -> tuple[Path, Path, str] | None:
     return found[0], found[1], "the default dataset (priorclip.data.default_dataset)"
 
 
-def _dataset(opts: BenchOptions, source, image_size: int, context_length: int, tmp: Path, workers: int, dev: str):
+def _dataset(opts: BenchOptions, source, cfg, tmp: Path, workers: int, dev: str):
     from priorclip.data import load_karpathy
 
     if source is not None:
@@ -217,7 +223,7 @@ def _dataset(opts: BenchOptions, source, image_size: int, context_length: int, t
             "chosen_by": "--generated-set" if opts.generated_set else
             "fallback: no real dataset reachable (--dataset, $PRIORCLIP_DATASET or ../shared/data/aid-rsicd)",
         }
-    return recall_mod.prepare(ds, image_size, context_length, desc, workers)
+    return recall_mod.prepare(ds, cfg, desc, workers)  # the model's transform, tokenizer and caption batching
 
 
 def _calibration_set(opts: BenchOptions, source, tmp: Path):
@@ -271,6 +277,7 @@ def run_bench(
     """
     engine_factory = engine_factory or create_engine
     from priorclip.cliutils import build_model, resolve_device
+    from priorclip.preprocess import preprocess_for
     from priorclip.profile import profile_config
 
     device = torch.device(resolve_device(opts.device))
@@ -283,12 +290,11 @@ def run_bench(
     if iters < 1 or warmup < 0:
         raise PriorCLIPError(f"--iters must be >= 1 and --warmup >= 0 (got {iters}, {warmup})")
     workers = opts.workers or harness.default_workers()
-    pairs, engine_rows = plan_engines(opts, device)
-    # the real dataset serves the recall set and the INT8 calibration (its train split), whichever is needed
-    source = recall_source(opts) if opts.recall or any(p in CALIBRATED for _, p in pairs) else None
-
     model = build_model(opts.model_name, opts.checkpoint, opts.gate)
     cfg = model.cfg
+    pairs, engine_rows = plan_engines(opts, device, cfg.family)  # which engines run depends on the model's family
+    # the real dataset serves the recall set and the INT8 calibration (its train split), whichever is needed
+    source = recall_source(opts) if opts.recall or any(p in CALIBRATED for _, p in pairs) else None
     ctx = cfg.text.context_length
     text_length = opts.text_length or ctx
     if not 2 <= text_length <= ctx:
@@ -318,7 +324,7 @@ def run_bench(
         recall_batch = min(max(batch_sizes), 256)
         if opts.recall:
             log("preparing the recall set and the fp32 reference embeddings ...")
-            data = _dataset(opts, source, cfg.vision.image_size, ctx, tmp, workers, dev)
+            data = _dataset(opts, source, cfg, tmp, workers, dev)
             log(f"recall set: {data.description['name']}: {data.description['coverage']}")
             from priorclip.retrieval import recall_metrics
 
@@ -330,7 +336,7 @@ def run_bench(
         if opts.e2e:
             n = opts.e2e_images or (max(4 * e2e_batch, 512) if dev == "cuda" else 4 * e2e_batch)
             jpegs = harness.make_jpegs(n)
-            decode_only = harness.decode_rate(jpegs, cfg.vision.image_size, workers)
+            decode_only = harness.decode_rate(jpegs, preprocess_for(cfg).transform, workers)
 
         timings, e2e_rows, recall_rows = [], [], []
         calib: list = []  # [(set, description)] once an int8 engine asked for it
@@ -541,6 +547,7 @@ def _report(
         },
         "model": {
             "name": cfg.name,
+            "family": cfg.family,
             "context_length": cfg.text.context_length,
             "image_size": cfg.vision.image_size,
             "embed_dim": cfg.embed_dim,
@@ -563,6 +570,7 @@ def _report(
         },
         "calibration": calibration,
         "load": load,
-        "reference_points": H100_REFERENCE_POINTS,
+        # the stand-ins are of the open-domain towers (ViT-B/32 + ResNet-50, a 77-token CLIP text transformer)
+        "reference_points": H100_REFERENCE_POINTS if cfg.family == FAMILY_PRIORCLIP else [],
     }
     return finalize(doc)

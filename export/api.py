@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from priorclip.cliutils import check_output_dir, output_dir, write_json, write_text
+from priorclip.config import FAMILY_PIR
 from priorclip.errors import PriorCLIPError
 
 from . import fp16 as _fp16
@@ -79,25 +80,26 @@ def tool_versions() -> dict[str, str | None]:
     return out
 
 
-def _image_batches(paths: list[Path], size: int) -> Iterator[np.ndarray]:
+def _image_batches(paths: list[Path], cfg) -> Iterator[np.ndarray]:
+    from priorclip.preprocess import preprocess_for
     from priorclip.retrieval import iter_image_batches
 
-    for pixels in iter_image_batches(paths, size, CALIB_BATCH):
+    for pixels in iter_image_batches(paths, preprocess_for(cfg).transform, CALIB_BATCH):
         yield pixels.numpy().astype(np.float32)
 
 
-def _text_batches(captions: list[str], context_length: int) -> Iterator[np.ndarray]:
-    from priorclip.tokenizer import clip_tokenizer
+def _text_batches(captions: list[str], cfg) -> Iterator[np.ndarray]:
+    from priorclip.preprocess import preprocess_for
 
     from .engines import trim_tokens
 
-    tok = clip_tokenizer(context_length)
-    for s in range(0, len(captions), CALIB_BATCH):
-        yield trim_tokens(tok(list(captions[s : s + CALIB_BATCH]))).numpy().astype(np.int64)
+    pre = preprocess_for(cfg)
+    for tokens in pre.text_batches(captions, CALIB_BATCH):
+        yield (tokens if pre.text_chunk else trim_tokens(tokens)).numpy().astype(np.int64)
 
 
 def _export_onnx(model, out_dir: Path, precision: str, calib, calib_method: str, opset: int, max_batch: int,
-                 keep_fp: Iterable[str] | None, fp16_keep_ops, fp16_keep_patterns, progress: bool,
+                 keep_fp: Iterable[str], fp16_keep_ops, fp16_keep_patterns, progress: bool,
                  stats_cache: dict | None = None, int8_target: str = _q.DEFAULT_TARGET) -> tuple[dict, dict]:
     cfg = model.cfg
     info: dict[str, Any] = {}
@@ -114,18 +116,15 @@ def _export_onnx(model, out_dir: Path, precision: str, calib, calib_method: str,
             for tower, p in src.items():
                 g = load_model(p)
                 if precision == "fp16":
-                    g, summary = _fp16.convert_fp16(
-                        g, _fp16.DEFAULT_KEEP_OPS if fp16_keep_ops is None else fp16_keep_ops,
-                        _fp16.DEFAULT_KEEP_PATTERNS if fp16_keep_patterns is None else fp16_keep_patterns)
+                    g, summary = _fp16.convert_fp16(g, fp16_keep_ops, fp16_keep_patterns)
                     info.setdefault("fp16", {})[tower] = summary
                 else:
                     _log(progress, f"calibrating the {tower} encoder ({calib_method})")
                     if tower == "image":
-                        batches = lambda: _image_batches(list(calib.images), cfg.vision.image_size)  # noqa: E731
+                        batches = lambda: _image_batches(list(calib.images), cfg)  # noqa: E731
                     else:
-                        batches = lambda: _text_batches(list(calib.captions), cfg.text.context_length)  # noqa: E731
-                    g, table = _q.quantize_int8(g, batches, calib_method,
-                                                _q.DEFAULT_KEEP_FP if keep_fp is None else keep_fp,
+                        batches = lambda: _text_batches(list(calib.captions), cfg)  # noqa: E731
+                    g, table = _q.quantize_int8(g, batches, calib_method, keep_fp,
                                                 progress=(lambda m: _log(progress, f"  {tower}: {m}")),
                                                 stats_cache=None if stats_cache is None else
                                                 stats_cache.setdefault(tower, {}), target=int8_target,
@@ -153,7 +152,8 @@ def _check_keep_fp(model, keep_fp: Iterable[str]) -> None:
     for p in keep_fp:
         if not any(_q._matching(n, (p,)) for n in names):
             raise ExportError(f"--keep-fp {p!r} matches no layer of {model.cfg.name} (patterns are module paths, "
-                              "e.g. 'visual.conv1', 'res_visual.attnpool*')")
+                              + ("e.g. 'conv_encoder', 'vision_proj')" if model.cfg.family == FAMILY_PIR else
+                                 "e.g. 'visual.conv1', 'res_visual.attnpool*')"))
 
 
 def _light(path: Path):
@@ -190,14 +190,18 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
     """Export ``model``'s image and text encoders to ``out_dir``.
 
     Args:
-        model: a :class:`~priorclip.model.PriorCLIP` (moved to CPU fp32 for ONNX export).
+        model: a :class:`~priorclip.model.PriorCLIP` or :class:`~priorclip.pir.PIR` (moved to CPU fp32 for ONNX
+            export).
         format: ``onnx`` (graphs), ``trt`` (the ONNX plus TensorRT plans; needs ``tensorrt``) or ``aoti``.
         precision: ``fp32``, ``fp16`` or ``int8`` (Q/DQ graph; needs ``calib``).
         calib: a :class:`~priorclip.data.RetrievalSet` or :class:`CalibrationSet` (``.images``, ``.captions``).
         calib_method: ``minmax``, ``percentile`` or ``entropy``.
         parity_set: a held-out :class:`~priorclip.data.RetrievalSet`; when given, ``parity.json`` is written and the
             precision's tolerance enforced (``force=True`` keeps an export outside it).
-        keep_fp: int8 layers (module-path patterns) left unquantised; default :data:`.quantize.DEFAULT_KEEP_FP`.
+        keep_fp: int8 layers (module-path patterns) left unquantised; default :func:`.quantize.default_keep_fp` of
+            the model's family.
+        fp16_keep_ops, fp16_keep_patterns: what an fp16 graph keeps in fp32; default :func:`.fp16.default_keeps` of
+            the model's family.
         device: where AOTInductor compiles for and where parity runs the engine (``cpu`` / ``cuda``).
         checkpoint: source checkpoint path, hashed into the manifest (``random-init`` without one).
         stats_cache: a dict kept by the caller so several int8 exports of one model share one calibration run.
@@ -233,6 +237,11 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
     out_dir = check_output_dir(out_dir)  # before any work; created below, and removed again if the export fails
     model = _cpu_fp32(model)
     cfg = model.cfg
+    # the measured defaults of the model's family (PriorCLIP's gate, PIR's belief and BERT's LayerNorm)
+    default_ops, default_patterns = _fp16.default_keeps(cfg.family)
+    fp16_keep_ops = default_ops if fp16_keep_ops is None else tuple(fp16_keep_ops)
+    fp16_keep_patterns = default_patterns if fp16_keep_patterns is None else tuple(fp16_keep_patterns)
+    keep_fp = _q.default_keep_fp(cfg.family) if keep_fp is None else tuple(keep_fp)
     manifest: dict[str, Any] = {
         "format_version": MANIFEST_FORMAT,
         "model": {"name": cfg.name, "config": cfg.to_dict()},

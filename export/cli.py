@@ -143,10 +143,12 @@ GENERATED_PARITY_IMAGES = 64
 @click.option("--keep-fp", multiple=True, metavar="PATTERN",
               help="INT8: leave layers matching this module-path pattern unquantised (repeatable), e.g. "
               "'res_visual.attnpool*', 'visual.conv1'. Replaces the default, the measured set "
-              "visual.conv1, res_visual.attnpool*, vision_proj_res (priorclip.export.quantize.DEFAULT_KEEP_FP).")
+              "visual.conv1, res_visual.attnpool*, vision_proj_res (priorclip.export.quantize.DEFAULT_KEEP_FP); for PIR "
+              "models none (PIR_KEEP_FP), e.g. 'conv_encoder', 'conv_proj' for its prior.")
 @click.option("--fp16-keep", multiple=True, metavar="PATTERN",
               help="FP16: also keep layers matching this module-path pattern in fp32 (repeatable), e.g. 'res_visual' "
-              "for the whole prior; added to the measured default (norms, softmax, reductions, the belief gate).")
+              "for the whole prior; added to the measured default (norms, softmax, reductions, the belief gate; for PIR "
+              "VIR's belief).")
 @click.option("--parity-data", type=click.Path(path_type=Path), default=None,
               help="Held-out Karpathy JSON for the parity report (default: the real dataset when one is found — "
               "$PRIORCLIP_DATASET, ../shared/data/aid-rsicd — else a labelled generated set of "
@@ -172,12 +174,13 @@ def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method,
          calib_images, calib_captions, keep_fp, fp16_keep, parity_data, parity_split, parity_images, image_root,
          no_parity, max_batch, opset,
          device, force, out_dir, quiet) -> None:
-    """Export PriorCLIP's image and text encoders with a manifest and a parity report against fp32 PyTorch."""
+    """Export the image and text encoders of a PriorCLIP or PIR model with a manifest and a parity report against
+    fp32 PyTorch."""
     from . import require_export_dependencies
 
     require_export_dependencies()
     from .api import FORMATS, PRECISIONS, export_model
-    from .fp16 import DEFAULT_KEEP_PATTERNS
+    from .fp16 import default_keeps
     from .onnx_export import OPSET
     from .quantize import METHODS, TARGETS
 
@@ -209,7 +212,8 @@ def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method,
     result = export_model(model, out_dir, fmt, precision, calib=calib, calib_method=calib_method,
                           max_batch=max_batch, opset=opset or OPSET, parity_set=parity_set, force=force,
                           progress=not quiet, keep_fp=keep_fp or None, device=device, checkpoint=checkpoint,
-                          fp16_keep_patterns=(DEFAULT_KEEP_PATTERNS + tuple(fp16_keep)) if fp16_keep else None,
+                          fp16_keep_patterns=(default_keeps(model.cfg.family)[1] + tuple(fp16_keep)) if fp16_keep
+                          else None,
                           command=command, int8_target=int8_target)
     if quiet and result.parity is not None:
         from .parity import format_parity_table

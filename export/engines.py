@@ -20,7 +20,8 @@ Output contract (shared by every engine here and in :mod:`priorclip.serve.engine
   ``2belief`` gate, exports made before the output existed).
 * Pixels must be floating point ``[B, 3, S, S]`` and tokens int64/int32 ``[B, L <= context]`` with ids in
   ``[0, vocab_size)``; anything else is a ``ValueError``. Token batches are cut to their longest caption (EOT + 1,
-  at least 2), exactly like the reference's ``trim_text``.
+  at least 2), exactly like the reference's ``trim_text``; PIR's are not (it attends to its [PAD] tokens: its ids
+  run exactly as tokenised, :func:`priorclip.preprocess.preprocess_for`).
 * A missing or damaged export file, or a missing runtime, is a :class:`~priorclip.errors.PriorCLIPError` of one line.
 
 The CPU ONNX Runtime path keeps numpy in and out (``session.run``), which is what ORT's CPU provider wants.
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from priorclip.config import VisionConfig
+from priorclip.config import FAMILY_PRIORCLIP, config_from_dict
 from priorclip.errors import PriorCLIPError
 
 from .onnx_export import IMAGE_INPUT, MIN_TEXT_LEN, ORDER_OUTPUT, OUTPUT, TEXT_INPUT
@@ -165,9 +166,9 @@ class _Base:
         self.metadata = manifest
         self.precision = manifest["precision"]
         cfg = manifest["model"]["config"]
-        v = cfg["vision"]
-        self.image_size = int(v["image_size"])
-        self.num_tokens = VisionConfig(**v).num_tokens
+        self.config = config_from_dict(cfg)
+        self.image_size = self.config.vision.image_size
+        self.num_tokens = self.config.vision.num_tokens
         self.context_length = int(cfg["text"]["context_length"])
         vocab = cfg["text"].get("vocab_size")
         self.vocab_size = int(vocab) if vocab else None  # ids outside [0, vocab) index past the embedding table
@@ -221,6 +222,8 @@ class _Base:
         self._check_tokens(tokens)
         if tokens.shape[0] == 0:
             return torch.zeros(0, self.embed_dim, device=self.device)
+        if self.config.family != FAMILY_PRIORCLIP:  # PIR attends to its padding: the ids run as given
+            return _cat([self._run_text(c) for c in self._chunks(tokens.long())])
         return _cat([self._run_text(trim_tokens(c)) for c in self._chunks(tokens.long())])
 
     def _run_image(self, pixels: torch.Tensor, with_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from priorclip.cliutils import build_model, model_options, user_errors
+from priorclip.config import FAMILY_PRIORCLIP
+from priorclip.errors import PriorCLIPError
 from priorclip.provenance import git_revision
 
 from . import quantize as _q
@@ -194,6 +196,10 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
 
     torch.manual_seed(0)
     model = build_model(model_name, checkpoint, gate).eval()
+    if model.cfg.family != FAMILY_PRIORCLIP:  # its variants and gate study name PriorCLIP's layers
+        raise PriorCLIPError(f"the int8 layout study measures the open-domain PriorCLIP's layers (res_visual, "
+                             f"visual.gate, ...), not {model.cfg.name!r}; for a PIR model run python -m "
+                             "priorclip.export.report --variants onnx-int8-entropy")
     test, calib = _data(data_dir, n_test, n_calib_images, n_calib_captions)
     names = variants  # validated names (_variant_names)
     head = {
@@ -448,8 +454,9 @@ def _cpu_flags() -> set[str]:
 
 def _timing_pixels(test, image_size: int, batch: int) -> torch.Tensor:
     from priorclip.retrieval import iter_image_batches
+    from priorclip.transforms import EvalTransform
 
-    return next(iter(iter_image_batches(test.images[:batch], image_size, batch))).contiguous()
+    return next(iter(iter_image_batches(test.images[:batch], EvalTransform(image_size), batch))).contiguous()
 
 
 def _markdown(doc: dict) -> str:

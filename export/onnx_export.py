@@ -19,6 +19,12 @@ Decisions, each checked by a test in ``tests/export``:
   the order the gate itself used, so parity checks can report rank flips of the engine, not of a re-derivation.
   Plain CLIP and the ``2belief`` gate have one output. Engines request it only when asked.
 * **Fused kernels.** Export runs the model with the kernels' torch references (:func:`reference_kernels`).
+* **PIR** (``cfg.family == "pir"``): the same two graphs and names. The text graph takes BERT ids ([CLS] first,
+  [PAD]=0 after) with the same dynamic L in [2, 47] and pools row 0; PIR attends to its [PAD] tokens, so L is part
+  of the input's meaning and engines never cut or pad it (the ids run as tokenised: chunks of 128, each padded to
+  its longest caption). The image graph's ``belief_order [batch, 50]`` is VIR's belief ranking (its first
+  ``filter_size`` = 40 tokens are kept), computed by the same pairwise rank count (:func:`priorclip.layers.pae.
+  descending_order`), so ties go lower-index-first here too.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from priorclip.config import FAMILY_PIR
 from priorclip.cliutils import output_dir
 
 from .graph import check_model
@@ -39,14 +46,13 @@ from .graph import check_model
 OPSET = 18
 IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "tokens", "embeddings"
 ORDER_OUTPUT = "belief_order"
-MIN_TEXT_LEN = 2  # SOT + EOT; also keeps torch.export from specialising the axis to 1
+MIN_TEXT_LEN = 2  # SOT + EOT ([CLS] + one word piece for PIR); also keeps torch.export from specialising the axis to 1
 
 
 def has_belief_order(model: nn.Module) -> bool:
-    """True when the model's gate ranks the beliefs (prior + ``belief+rank``), i.e. it has an order to export."""
-    from priorclip.config import GATE_BELIEF_PLUS_RANK
-
-    return bool(getattr(model, "has_prior", False)) and model.cfg.gate == GATE_BELIEF_PLUS_RANK
+    """True when the model ranks image tokens by belief (PriorCLIP's ``belief+rank`` gate, PIR's VIR filter), i.e.
+    it has an order to export."""
+    return bool(getattr(model, "ranks_tokens", False))
 
 
 def image_output_names(model: nn.Module) -> list[str]:
@@ -70,7 +76,8 @@ class ImageEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """``tokens [B,L] int64 -> embeddings [B,E] float32``; EOT pooled at argmax(tokens) in the graph."""
+    """``tokens [B,L] int64 -> embeddings [B,E] float32``; EOT pooled at argmax(tokens) in the graph (PriorCLIP),
+    [CLS] row 0 over every position, padding included (PIR)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -107,6 +114,10 @@ def example_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torc
     pixels = torch.randn(batch, 3, s, s, generator=g)
     ctx = cfg.text.context_length
     tokens = torch.zeros(batch, ctx, dtype=torch.int64)
+    if cfg.family == FAMILY_PIR:  # [CLS], word pieces, [PAD]=0 after
+        tokens[:, 0] = 101
+        tokens[:, 1:7] = torch.randint(1000, cfg.text.vocab_size, (batch, 6), generator=g)
+        return pixels, tokens
     tokens[:, 0] = 49406
     tokens[:, 1:6] = torch.randint(1, 49000, (batch, 5), generator=g)
     tokens[:, 6] = 49407
@@ -131,7 +142,12 @@ def io_spec(model: nn.Module, max_batch: int) -> dict:
             "inputs": [{"name": TEXT_INPUT, "dtype": "int64", "shape": ["batch", "length"]}],
             "outputs": [{"name": OUTPUT, "dtype": "float32", "shape": ["batch", e], "l2_normalised": True}],
             "length": {"min": MIN_TEXT_LEN, "max": ctx},
-            "eot": "computed in the graph: ArgMax over the token ids (EOT 49407 is the largest id), then GatherND",
+            **({"padding": "attended: feed ids padded as the reference pads them (chunks of 128, each to its "
+                           "longest caption); never trim or re-pad"}
+               if cfg.family == FAMILY_PIR and not cfg.mask_padding else
+               {"pooling": "[CLS] row 0"} if cfg.family == FAMILY_PIR else
+               {"eot": "computed in the graph: ArgMax over the token ids (EOT 49407 is the largest id), then "
+                       "GatherND"}),
         },
         "batch": {"min": 1, "max": max_batch},
     }

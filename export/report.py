@@ -23,7 +23,8 @@ import click
 import torch
 
 from priorclip.cliutils import build_model, check_output_dir, model_options, user_errors, write_json, write_text
-from priorclip.errors import DataError
+from priorclip.config import FAMILY_PRIORCLIP
+from priorclip.errors import DataError, PriorCLIPError
 from priorclip.parity import min_images_for_dmr
 from priorclip.provenance import git_revision
 
@@ -127,6 +128,9 @@ def main(model_name, checkpoint, gate, data_dir, n_test, n_calib_images, n_calib
     check_output_dir(out_dir, option="--out")  # before the export matrix, not after it
     torch.manual_seed(seed)  # random-init weights are reproducible only with a seed
     model = build_model(model_name, checkpoint, gate)
+    if study != "matrix" and model.cfg.family != FAMILY_PRIORCLIP:
+        raise PriorCLIPError(f"--study {study} measures the open-domain PriorCLIP's layers (visual.gate, res_visual, "
+                             f"...), not {model.cfg.name!r}; run the matrix (the default --study) for a PIR model")
     test, calib = _data(data_dir, n_test, n_calib_images, n_calib_captions)
     date = _dt.date.today().isoformat()
     tag = tag or ("gpu" if device.startswith("cuda") else "cpu")

@@ -1,7 +1,8 @@
 """Reading, strictly loading and saving checkpoints.
 
-Accepted layouts (spec §5A, §9.11): a bare state dict, open_clip's ``{"state_dict": ..., "epoch": ...}`` wrapper,
-``module.``-prefixed keys from DDP, and our own files, which add ``"config"`` (a :class:`ModelConfig` dict). Files are
+Accepted layouts (spec §5A, §5B, §9.11): a bare state dict, open_clip's ``{"state_dict": ..., "epoch": ...}`` wrapper,
+PIR-pytorch's ``{"model": ..., "config": <its YAML settings>, ...}`` (optimizer state ignored), ``module.``-prefixed
+keys from DDP, and our own files, which add ``"config"`` (a model config dict of either family). Files are
 read with ``torch.load(weights_only=True)`` or safetensors, so a checkpoint can never run code on load.
 """
 
@@ -18,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from priorclip.config import ModelConfig
+from priorclip.config import AnyConfig, config_from_dict
 from priorclip.errors import CheckpointError
 
 FORMAT = "priorclip-checkpoint/1"
@@ -28,7 +29,7 @@ _LIST_LIMIT = 8  # keys named in one error line before "... and N more"
 @dataclass
 class Checkpoint:
     state_dict: dict[str, torch.Tensor]
-    config: ModelConfig | None = None
+    config: AnyConfig | None = None
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # everything else in the file (epoch, optimizer, ...)
 
@@ -45,6 +46,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         extra = {k: v for k, v in obj.items() if k != "state_dict"}
         sd = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict) and obj.get("format") is None:
+        # PIR-pytorch's checkpoint_best.pth: {"model": state dict, "config": its YAML settings, optimizer, ...}
+        extra = {k: v for k, v in obj.items() if k not in ("model", "config")}
+        if isinstance(obj.get("config"), dict):
+            extra["reference_config"] = obj["config"]
+        sd = obj["model"]
     else:
         extra, sd = {}, obj
     if not isinstance(sd, dict) or not sd:
@@ -56,7 +63,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     cfg_dict = extra.pop("config", None) if config is None else config
     if cfg_dict is not None:
         try:
-            config = ModelConfig.from_dict(cfg_dict)
+            config = config_from_dict(cfg_dict)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: embedded model config is invalid: {e}") from None
     return Checkpoint(sd, config, path, extra)
@@ -273,7 +280,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, **extra: Any) -> Path:
     from priorclip.cliutils import atomic_write
 
     path = Path(path)
-    cfg: ModelConfig = model.cfg
+    cfg: AnyConfig = model.cfg
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(path) as tmp:
         if path.suffix == ".safetensors":

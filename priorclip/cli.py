@@ -26,6 +26,7 @@ from priorclip.cliutils import (
 from priorclip.errors import DataError, PriorCLIPError
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PROTOCOLS = ("priorclip", "pir")  # priorclip.data.PROTOCOLS, spelled here so --help needs no import
 
 
 @click.group(
@@ -57,13 +58,19 @@ def info(names: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'model':<20} {'gate':<12} {'params':>9} {'vision':>8} {'prior':>8} {'text':>8} {'GFLOP/img':>10} {'(prior)':>8} {'GFLOP/txt77':>11}")
+    click.echo(f"{'model':<20} {'gate / filter':<14} {'params':>9} {'vision':>8} {'prior':>8} {'text':>8} {'PAE':>8} "
+               f"{'GFLOP/img':>10} {'(prior)':>8} {'GFLOP/txt':>10} {'(tokens)':>8}")
     for n, r in rows.items():
-        m = lambda k: f"{r[k] / 1e6:.2f}M"  # noqa: E731
-        gate = r["config"]["gate"] if r["config"]["prior"] else "-"
+        m = lambda k: f"{r[k] / 1e6:.2f}M" if k in r else "-"  # noqa: E731
+        c = r["config"]
+        if c.get("family") == "pir":  # VIR + LCA are PIR's Progressive Attention Encoders
+            gate, pae = f"VIR top-{c['filter_size']}", f"{(r['params_vir'] + r['params_lca']) / 1e6:.2f}M"
+        else:
+            gate, pae = (c["gate"] if c["prior"] else "-"), "-"
         click.echo(
-            f"{n:<20} {gate:<12} {m('params_total'):>9} {m('params_vision'):>8} {m('params_prior'):>8} {m('params_text'):>8} "
-            f"{r['gflop_image']:>10.2f} {r['gflop_image_prior']:>8.2f} {r['gflop_text']:>11.2f}"
+            f"{n:<20} {gate:<14} {m('params_total'):>9} {m('params_vision'):>8} {m('params_prior'):>8} "
+            f"{m('params_text'):>8} {pae:>8} {r['gflop_image']:>10.2f} {r['gflop_image_prior']:>8.2f} "
+            f"{r['gflop_text']:>10.2f} {r['text_tokens']:>8}"
         )
 
 
@@ -214,6 +221,18 @@ def _run_eval(enc, dataset, batch_size, workers, label: str, extra: dict, out_js
     return report
 
 
+def _family_protocol(model_name: str | None, cfg=None) -> str | None:
+    """The evaluation protocol of a model's family (PIR's own for PIR), or None while only a checkpoint knows it."""
+    from priorclip.config import FAMILY_PIR
+    from priorclip.data import PROTOCOL_PIR, PROTOCOL_PRIORCLIP
+    from priorclip.registry import get_config
+
+    if cfg is None and model_name is None:
+        return None
+    cfg = cfg or get_config(model_name)
+    return PROTOCOL_PIR if cfg.family == FAMILY_PIR else PROTOCOL_PRIORCLIP
+
+
 def _eval_outputs(out_json: Path | None, save_embeddings: Path | None) -> tuple[Path | None, Path | None]:
     """The exact files ``eval`` will write, checked before the dataset and the model are loaded: an evaluation of the
     full test split takes minutes, and must not end in an unwritable path."""
@@ -226,9 +245,10 @@ def _eval_outputs(out_json: Path | None, save_embeddings: Path | None) -> tuple[
 
 @main.command("eval")
 @model_options
-@click.option("--dataset", "dataset_json", required=True, type=click.Path(path_type=Path), help="Karpathy-style dataset JSON (e.g. dataset_rsicd.json).")
+@click.option("--dataset", "dataset_json", required=True, type=click.Path(path_type=Path), help="Karpathy-style dataset JSON (e.g. dataset_rsicd.json), or a PIR-pytorch split file (e.g. rsitmd_test.json).")
 @click.option("--images", "image_root", required=True, type=click.Path(path_type=Path), help="Folder the JSON's file names are relative to.")
-@click.option("--split", default="test", show_default=True)
+@click.option("--split", default="test", show_default=True, help="Split of a Karpathy-style JSON (a PIR-pytorch file is one split).")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), default=None, help="Test-set order: 'priorclip' (spec §6A: images sorted by file name) or 'pir' (§6B: file order; PIR's caption embeddings depend on their chunk of 128). Default: the model family's own.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only N images spread over the scene classes (seeded; files sort by class, so never the first N) and their captions.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per batch (the reference uses 64).")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Image decoding threads.")
@@ -236,21 +256,29 @@ def _eval_outputs(out_json: Path | None, save_embeddings: Path | None) -> tuple[
 @click.option("--save-embeddings", type=click.Path(path_type=Path), help="Write image/text embeddings to an .npz.")
 @_device_option
 @_precision_option
-def eval_cmd(model_name, checkpoint, gate, dataset_json, image_root, split, limit, batch_size, workers, out_json, save_embeddings, device, precision) -> None:
+def eval_cmd(model_name, checkpoint, gate, dataset_json, image_root, split, protocol, limit, batch_size, workers, out_json, save_embeddings, device, precision) -> None:
     """Image-text retrieval on one split of a dataset: R@1/5/10 both ways and mR, as the reference computes them."""
     from priorclip.checkpoint import file_sha256
-    from priorclip.data import load_karpathy
+    from priorclip.data import load_retrieval_set
 
     out_json, save_embeddings = _eval_outputs(out_json, save_embeddings)
-    dataset = load_karpathy(dataset_json, image_root, split)
-    if limit:
-        dataset = dataset.subset(limit)
+
+    def load():
+        ds = load_retrieval_set(dataset_json, image_root, split, protocol)
+        return ds.subset(limit) if limit else ds
+
+    protocol = protocol or _family_protocol(model_name)
+    dataset = load() if protocol else None  # the data are checked before the model loads, where the protocol is known
     if checkpoint is None:
         click.echo("note: no --checkpoint given: the model has random weights, so recall will be near chance", err=True)
     enc = _encoder(model_name, checkpoint, gate, device, precision)
+    if dataset is None:  # only the checkpoint's config said which family
+        protocol = _family_protocol(enc.config.name, enc.config)
+        dataset = load()
     extra = {
         "dataset": str(dataset_json),
         "split": split,
+        "protocol": protocol,
         "images_evaluated": dataset.describe()["coverage"],
         "checkpoint": str(checkpoint) if checkpoint else None,
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,

@@ -79,24 +79,39 @@ def resolve_device(device: str) -> str:
     return device
 
 
+MASK_PADDING_KEY = "priorclip.mask_padding"  # where --mask-padding leaves its value for build_model (click's ctx.meta)
+
+
 def model_options(fn: Callable) -> Callable:
-    """--model / --checkpoint / --gate, shared by every command that builds a model."""
+    """--model / --checkpoint / --gate / --mask-padding, shared by every command that builds a model.
+
+    --mask-padding is not passed to the command: it is stored in click's context and read by :func:`build_model`, so
+    every command that builds a model honours it without carrying it through its own signature.
+    """
     from priorclip.config import GATES
     from priorclip.registry import DEFAULT_MODEL
 
     fn = click.option(
+        "--mask-padding",
+        is_flag=True,
+        expose_value=False,
+        callback=lambda ctx, _param, value: ctx.meta.__setitem__(MASK_PADDING_KEY, value),
+        help="PIR only: mask [PAD] tokens in BERT and LCA, so a caption's embedding no longer depends on its batch. "
+        "The released PIR checkpoints were trained attending to padding (the default).",
+    )(fn)
+    fn = click.option(
         "--gate",
         type=click.Choice(GATES),
         default=None,
-        help="Belief-gate formula (official checkpoints do not record it): 'belief+rank' (reference code since "
-        "2024-10-16, the default) or '2belief' (earlier code).",
+        help="Open-domain PriorCLIP only: belief-gate formula (official checkpoints do not record it): "
+        "'belief+rank' (reference code since 2024-10-16, the default) or '2belief' (earlier code).",
     )(fn)
     fn = click.option(
         "--checkpoint",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        help="Weights: an official PriorCLIP .pt, or a priorclip checkpoint (.pt/.safetensors, which carries its "
-        "config). Without it the model has random weights (seed 0).",
+        help="Weights: an official PriorCLIP .pt or PIR checkpoint_best.pth, or a priorclip checkpoint "
+        "(.pt/.safetensors, which carries its config). Without it the model has random weights (seed 0).",
     )(fn)
     fn = click.option(
         "--model",
@@ -110,13 +125,38 @@ def model_options(fn: Callable) -> Callable:
 RANDOM_INIT_SEED = 0
 
 
+def _config_of(model_name: str | None, checkpoint: Path | None):
+    """The config a model name or checkpoint builds, without building it."""
+    from priorclip.checkpoint import read_checkpoint
+    from priorclip.registry import DEFAULT_MODEL, DEFAULT_PIR_MODEL, get_config, is_pir_state_dict
+
+    if model_name:
+        return get_config(model_name)
+    if checkpoint is None:
+        return get_config(DEFAULT_MODEL)
+    ckpt = read_checkpoint(checkpoint)
+    return ckpt.config or get_config(DEFAULT_PIR_MODEL if is_pir_state_dict(ckpt.state_dict) else DEFAULT_MODEL)
+
+
 def build_model(model_name: str | None, checkpoint: Path | None, gate: str | None):
     """The model a CLI works on; without a checkpoint its random weights come from a fixed seed, so runs repeat."""
     import torch
 
     from priorclip.registry import create_model
 
+    from priorclip.config import FAMILY_PIR
+
+    ctx = click.get_current_context(silent=True)
+    mask_padding = bool(ctx and ctx.meta.get(MASK_PADDING_KEY))
     overrides = {"gate": gate} if gate else {}
+    if mask_padding:
+        overrides["mask_padding"] = True
+    if overrides:  # each option belongs to one family: refuse it for the other in one line, not a TypeError
+        cfg = _config_of(model_name, checkpoint)
+        wrong = "--gate" if gate and cfg.family == FAMILY_PIR else "--mask-padding" if mask_padding and \
+            cfg.family != FAMILY_PIR else None
+        if wrong:
+            raise PriorCLIPError(f"{wrong} does not apply to model {cfg.name!r} ({'PIR' if wrong == '--gate' else 'open-domain PriorCLIP'})")
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # The two gate formulas of the reference code (spec §2A.4). Which one a released checkpoint was trained with is not
 # recorded, so it is a config field rather than a constant.
 GATE_BELIEF_PLUS_RANK = "belief+rank"  # g = belief + rank-slot index weight (code after 2024-10-16)
 GATE_DOUBLE_BELIEF = "2belief"  # g = 2 * belief (code before 2024-10-16)
 GATES = (GATE_BELIEF_PLUS_RANK, GATE_DOUBLE_BELIEF)
+
+# Model families: the open-domain PriorCLIP (open_clip fork) and the closed-domain PIR of the ACM MM 2023 paper
+# (PIR-pytorch). Every config exposes ``vision.image_size``, ``text.context_length`` and ``text.vocab_size``, which
+# is all that data loading, export and the engines need to know of a model.
+FAMILY_PRIORCLIP = "priorclip"
+FAMILY_PIR = "pir"
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class TextConfig:
 class ModelConfig:
     """A whole open-domain model. ``prior=None`` gives a plain CLIP (no prior token, no gate, CLS pooling)."""
 
+    family: ClassVar[str] = FAMILY_PRIORCLIP
     name: str
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -110,7 +117,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if d["prior"] is not None:
             d["prior"]["layers"] = list(d["prior"]["layers"])
-        return d
+        return d  # no "family" key: files written before the closed-domain family read back unchanged
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -134,3 +141,155 @@ def _positive(obj: Any, *names: str) -> None:
         v = getattr(obj, n)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{type(obj).__name__}.{n} must be a positive integer, got {v!r}")
+
+
+# ---------------------------------------------------------------------------------------------- closed-domain PIR
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """Swin Transformer image tower of PIR (spec §1B); its final-norm tokens get their average prepended as "CLS"."""
+
+    image_size: int = 224
+    patch_size: int = 4
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1  # stochastic depth at the last block (linear from 0); off in eval
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depths", tuple(int(n) for n in self.depths))
+        object.__setattr__(self, "heads", tuple(int(n) for n in self.heads))
+        _positive(self, "image_size", "patch_size", "embed_dim", "window_size")
+        if not self.depths or len(self.depths) != len(self.heads) or min(self.depths + self.heads) < 1:
+            raise ValueError(f"swin depths {self.depths} and heads {self.heads} must be equal-length positive lists")
+        if self.image_size % (self.patch_size * 2 ** (len(self.depths) - 1)):
+            raise ValueError(f"swin image_size {self.image_size} must be a multiple of patch_size * 2^(stages-1)")
+        for i, h in enumerate(self.heads):
+            if (self.embed_dim * 2**i) % h:
+                raise ValueError(f"swin stage {i} width {self.embed_dim * 2**i} is not a multiple of {h} heads")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"swin drop_path must be in [0, 1), got {self.drop_path}")
+
+    @property
+    def width(self) -> int:
+        """Channels of the last stage (768 for Swin-T)."""
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+    @property
+    def grid(self) -> int:
+        """Side of the last stage's token grid (7 for Swin-T at 224)."""
+        return self.image_size // self.patch_size // 2 ** (len(self.depths) - 1)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens out of the tower: the averaged "CLS" plus the last grid (50 for Swin-T at 224)."""
+        return self.grid**2 + 1
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """torchvision-layout bottleneck ResNet (ResNet-50 by default), fc removed: the global-average-pooled feature."""
+
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    width: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        if len(self.layers) != 4 or min(self.layers) < 1:
+            raise ValueError(f"resnet layers must be four positive block counts, got {self.layers}")
+        _positive(self, "width")
+
+    @property
+    def out_dim(self) -> int:
+        """Pooled feature width: 8 x width x expansion 4 (2048 for ResNet-50)."""
+        return self.width * 32
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """BERT text tower of PIR (the X-VLM copy of Google's BERT: no pooler, TF-style LayerNorm, erf GELU)."""
+
+    vocab_size: int = 30522
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    context_length: int = 47  # max_tokens: [CLS] + up to 46 word pieces, no [SEP]
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "width", "layers", "heads", "intermediate", "max_positions", "type_vocab_size",
+                  "context_length")
+        if self.width % self.heads:
+            raise ValueError(f"bert width {self.width} is not a multiple of heads {self.heads}")
+        if self.context_length > self.max_positions:
+            raise ValueError(f"bert context_length {self.context_length} exceeds max_positions {self.max_positions}")
+
+
+@dataclass(frozen=True)
+class PIRConfig:
+    """The closed-domain PIR model (spec §1B, §2B, §3): Swin + frozen ResNet prior + BERT, VIR and LCA."""
+
+    family: ClassVar[str] = FAMILY_PIR
+    name: str
+    embed_dim: int = 512
+    vision: SwinConfig = field(default_factory=SwinConfig)
+    prior: ResNetConfig = field(default_factory=ResNetConfig)
+    text: BertConfig = field(default_factory=BertConfig)
+    filter_size: int = 40  # VIR keeps the 40 most-believed of the 50 image tokens
+    instru_num: int = 2  # VIR repeats (MHSA, CroSA)
+    cycle_num: int = 3  # LCA repeats (MHSA, CroSA)
+    pae_heads: int = 8
+    pae_dropout: float = 0.2
+    init_temp: float = 0.07  # contrastive temperature (learnable, unclamped)
+    init_temp2: float = 0.07  # affiliation temperature (learnable, unclamped)
+    mask_padding: bool = False  # PIR attends to [PAD] tokens (checkpoints were trained so); True masks them
+
+    def __post_init__(self) -> None:
+        _positive(self, "embed_dim", "filter_size", "instru_num", "cycle_num", "pae_heads")
+        if self.filter_size > self.vision.num_tokens:
+            raise ValueError(f"filter_size {self.filter_size} exceeds the {self.vision.num_tokens} image tokens")
+        if self.embed_dim % self.pae_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of pae_heads {self.pae_heads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for part, keys in (("vision", ("depths", "heads")), ("prior", ("layers",))):
+            for k in keys:
+                d[part][k] = list(d[part][k])
+        d["family"] = FAMILY_PIR
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PIRConfig:
+        d = {k: v for k, v in d.items() if k != "family"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown PIR config fields: {sorted(unknown)}")
+        d["vision"] = SwinConfig(**d.get("vision", {}))
+        d["prior"] = ResNetConfig(**d.get("prior", {}))
+        d["text"] = BertConfig(**d.get("text", {}))
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> PIRConfig:
+        return dataclasses.replace(self, **changes)
+
+
+AnyConfig = ModelConfig | PIRConfig
+
+
+def config_from_dict(d: dict[str, Any]) -> AnyConfig:
+    """A config of either family from its ``to_dict()`` (files without "family" are open-domain)."""
+    family = d.get("family", FAMILY_PRIORCLIP)
+    if family == FAMILY_PIR:
+        return PIRConfig.from_dict(d)
+    if family != FAMILY_PRIORCLIP:
+        raise ValueError(f"unknown model family {family!r} (known: {FAMILY_PRIORCLIP}, {FAMILY_PIR})")
+    return ModelConfig.from_dict({k: v for k, v in d.items() if k != "family"})

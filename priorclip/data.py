@@ -1,8 +1,13 @@
-"""Evaluation data: Karpathy-style dataset JSON (RSICD, RSITMD, UCM, Sydney), image folders and caption files.
+"""Evaluation data: Karpathy-style dataset JSON (RSICD, RSITMD, UCM, Sydney), PIR-pytorch's split JSON, image
+folders and caption files.
 
-:func:`load_karpathy` follows the reference ``retrieval.py`` (spec §6A): only the requested split, images
-deduplicated and sorted by file name (``np.unique``), each image's ``raw`` sentences grouped under it in file order,
-``str.capitalize`` applied (harmless for lower-casing tokenizers, kept for fidelity).
+Two evaluation protocols order a test set (:func:`load_retrieval_set`):
+
+- ``priorclip`` (spec §6A, PriorCLIP's ``retrieval.py``): only the requested split, images deduplicated and sorted by
+  file name (``np.unique``), each image's ``raw`` sentences grouped under it in file order, ``str.capitalize``
+  applied (harmless for lower-casing tokenizers, kept for fidelity);
+- ``pir`` (spec §6B, PIR-pytorch's ``itm_eval``): images and their captions in file order. The ranking maths are the
+  same; the order matters to PIR, whose caption embeddings depend on which captions share a chunk of 128.
 """
 
 from __future__ import annotations
@@ -134,8 +139,48 @@ def image_label(path: str | Path) -> str:
     return Path(path).name.split("_", 1)[0]
 
 
-def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "test", check_files: bool = True) -> RetrievalSet:
-    """Read one split of a Karpathy-style dataset JSON; raises :class:`DataError` on any malformed input."""
+PROTOCOL_PRIORCLIP = "priorclip"  # spec §6A
+PROTOCOL_PIR = "pir"  # spec §6B
+PROTOCOLS = (PROTOCOL_PRIORCLIP, PROTOCOL_PIR)
+
+
+def load_retrieval_set(json_path: str | Path, image_root: str | Path, split: str = "test",
+                       protocol: str = PROTOCOL_PRIORCLIP) -> RetrievalSet:
+    """One split of a Karpathy-style JSON in the ``protocol``'s order, or a PIR-pytorch split file (a JSON list of
+    ``{"image", "caption": [...]}`` records, itself one split, always in file order)."""
+    if protocol not in PROTOCOLS:
+        raise DataError(f"unknown evaluation protocol {protocol!r} (known: {', '.join(PROTOCOLS)})")
+    json_path, image_root = Path(json_path), Path(image_root)
+    doc = _read_json(json_path, image_root)
+    if isinstance(doc, list):
+        return _pir_records(doc, json_path, image_root)
+    return load_karpathy(json_path, image_root, split, order="file" if protocol == PROTOCOL_PIR else "sorted")
+
+
+def _pir_records(doc: list, json_path: Path, image_root: Path) -> RetrievalSet:
+    paths, captions, owner = [], [], []
+    for i, e in enumerate(doc):
+        caps = e.get("caption") if isinstance(e, dict) else None
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(e, dict) or not isinstance(e.get("image"), str) or not isinstance(caps, list) or not caps \
+                or not all(isinstance(c, str) for c in caps):
+            raise DataError(f"{json_path}: record [{i}] needs an 'image' string and a 'caption' string or list of strings")
+        owner += [len(paths)] * len(caps)
+        captions += caps
+        paths.append(image_root / e["image"])
+    if not paths:
+        raise DataError(f"{json_path}: no records")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(paths)} images are missing under {image_root}, e.g. {missing[0].name}")
+    return RetrievalSet(paths, captions, np.array(owner))
+
+
+def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "test", check_files: bool = True,
+                  order: str = "sorted") -> RetrievalSet:
+    """Read one split of a Karpathy-style dataset JSON; raises :class:`DataError` on any malformed input.
+
+    ``order``: ``"sorted"`` by file name (PriorCLIP's ``np.unique``) or ``"file"`` (first appearance, PIR-pytorch)."""
     json_path, image_root = Path(json_path), Path(image_root)
     entries = read_karpathy_entries(json_path, image_root)
     grouped: dict[str, list[str]] = {}
@@ -153,7 +198,7 @@ def load_karpathy(json_path: str | Path, image_root: str | Path, split: str = "t
         grouped.setdefault(name, [])
     if not grouped:
         raise DataError(f"{json_path}: no images in split {split!r} (splits present: {', '.join(sorted(splits)) or 'none'})")
-    names = sorted(grouped)  # np.unique order
+    names = sorted(grouped) if order == "sorted" else list(grouped)  # np.unique order, or the file's
     captionless = [n for n in names if not grouped[n]]
     if captionless:
         raise DataError(f"{json_path}: {len(captionless)} {split} images have no captions, e.g. {captionless[0]}")
@@ -208,16 +253,20 @@ def has_split(json_path: str | Path, image_root: str | Path, split: str) -> bool
     return any(e.get("split") == split for e in read_karpathy_entries(Path(json_path), Path(image_root)))
 
 
-def read_karpathy_entries(json_path: Path, image_root: Path) -> list[dict]:
-    """The validated ``images`` entries of a Karpathy-style JSON (each has a ``filename`` and a ``sentences`` list)."""
+def _read_json(json_path: Path, image_root: Path):
     if not json_path.is_file():
         raise DataError(f"dataset JSON not found: {json_path}")
     if not image_root.is_dir():
         raise DataError(f"image folder not found: {image_root}")
     try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
+        return json.loads(json_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{json_path}: not valid JSON ({e})") from None
+
+
+def read_karpathy_entries(json_path: Path, image_root: Path) -> list[dict]:
+    """The validated ``images`` entries of a Karpathy-style JSON (each has a ``filename`` and a ``sentences`` list)."""
+    doc = _read_json(json_path, image_root)
     entries = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise DataError(f"{json_path}: expected a Karpathy-style object with an 'images' list")

@@ -12,13 +12,16 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from priorclip.config import AnyConfig
 from priorclip.model import PriorCLIP
+from priorclip.pir import PIR
 
 
 @runtime_checkable
 class Encoder(Protocol):
     image_size: int
     context_length: int
+    config: AnyConfig  # the model's config: which tokenizer, transform and caption batching it needs (preprocess_for)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
 
@@ -37,10 +40,11 @@ class TorchEncoder:
     """Eager PyTorch encoder. ``dtype`` float32 is the reference path (plain-torch ops on every device, fused kernels
     pinned off); float16/bfloat16 run under autocast, with the fused kernels where they apply (CUDA)."""
 
-    def __init__(self, model: PriorCLIP, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: PriorCLIP | PIR, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device).eval()
+        self.config = model.cfg
         self.image_size = model.cfg.vision.image_size
         self.context_length = model.cfg.text.context_length
         self.kernels = "reference" if dtype == torch.float32 else "auto"

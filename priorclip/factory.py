@@ -10,25 +10,33 @@ unless ``normalize=False`` (open_clip's default is the opposite; normalising twi
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from priorclip.config import FAMILY_PIR
 from priorclip.errors import PriorCLIPError
 from priorclip.numerics import DTYPES
 from priorclip.registry import DEFAULT_MODEL, get_config
-from priorclip.tokenizer import ClipTokenizer, clip_tokenizer
+from priorclip.preprocess import preprocess_for
+from priorclip.tokenizer import clip_tokenizer
 from priorclip.transforms import EvalTransform
 
 
 
-def get_tokenizer(model_name: str = "", context_length: int | None = None) -> ClipTokenizer:
-    """The tokenizer of a registered model (all use CLIP's BPE; they differ only in context length)."""
-    n = context_length or (get_config(model_name).text.context_length if model_name else 77)
-    return clip_tokenizer(n)
+def get_tokenizer(model_name: str = "", context_length: int | None = None) -> Callable[[Sequence[str]], torch.Tensor]:
+    """The tokenizer of a registered model: CLIP's BPE for the open-domain models (77 tokens), BERT's WordPiece with
+    PIR-pytorch's caption cleaning for PIR (47 tokens, padded to the call's longest caption)."""
+    if not model_name:
+        return clip_tokenizer(context_length or 77)
+    cfg = get_config(model_name)
+    if context_length:
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, context_length=context_length))
+    return preprocess_for(cfg).tokenizer
 
 
 class TrainPreprocess:
@@ -38,11 +46,11 @@ class TrainPreprocess:
     mean/std; the trainer itself draws per-sample generators so runs repeat across workers.
     """
 
-    def __init__(self, image_size: int, seed: int | None = None) -> None:
+    def __init__(self, image_size: int, seed: int | None = None, randaugment: bool = False) -> None:
         from priorclip.training.data import TrainTransform
 
         self.image_size = image_size
-        self._augment = TrainTransform(image_size)
+        self._augment = TrainTransform(image_size, randaugment=randaugment)
         self._rng = np.random.default_rng(seed)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
@@ -51,7 +59,8 @@ class TrainPreprocess:
         return normalize_on_device(self._augment(img, self._rng)[None])[0]  # the trainer's own normalisation
 
     def __repr__(self) -> str:
-        return f"TrainPreprocess(image_size={self.image_size}, random resized crop 0.5-1 + flip, OpenAI mean/std)"
+        extra = " + RandAugment(2, 7)" if self._augment.randaugment is not None else ""
+        return f"TrainPreprocess(image_size={self.image_size}, random resized crop 0.5-1 + flip{extra}, OpenAI mean/std)"
 
 
 def _build(model_name: str | None, checkpoint, pretrained, precision: str, device, overrides: dict[str, Any]):
@@ -84,12 +93,13 @@ def create_model_and_transforms(
     """``(model, preprocess_train, preprocess_val)`` as open_clip returns them.
 
     ``model_name``: a registered config (``priorclip info``) or open_clip's ``"PIR"``; None takes the checkpoint's
-    embedded config, else ``priorclip-vit-b32``. ``pretrained``/``checkpoint``: a local weights file (strict load).
+    embedded config, else ``pir-swin-t-bert`` for a PIR-pytorch checkpoint, else ``priorclip-vit-b32``.
+    ``preprocess_val`` is the model family's eval transform (PIR: squash to the size, nothing cut). ``pretrained``/``checkpoint``: a local weights file (strict load).
     ``precision``: ``fp32``, ``fp16`` or ``bf16`` (weights cast). ``overrides``: config fields, e.g. ``gate="2belief"``.
     """
     model = _build(model_name, checkpoint, pretrained, precision, device, overrides)
-    size = model.cfg.vision.image_size
-    return model, TrainPreprocess(size, seed), EvalTransform(size)
+    pir = model.cfg.family == FAMILY_PIR  # PIR-pytorch trains with RandAugment on top of crop + flip
+    return model, TrainPreprocess(model.cfg.vision.image_size, seed, pir), preprocess_for(model.cfg).transform
 
 
 def create_model_from_pretrained(
@@ -107,4 +117,4 @@ def create_model_from_pretrained(
         raise PriorCLIPError("create_model_from_pretrained needs weights: pretrained= (or checkpoint=) a local file; "
                              f"use create_model('{model_name or DEFAULT_MODEL}') for random weights")
     model = _build(model_name, checkpoint, pretrained, precision, device, overrides)
-    return (model, EvalTransform(model.cfg.vision.image_size)) if return_transform else model
+    return (model, preprocess_for(model.cfg).transform) if return_transform else model

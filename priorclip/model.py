@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from priorclip.config import ModelConfig
+from priorclip.config import GATE_BELIEF_PLUS_RANK, ModelConfig
 from priorclip.layers.resnet import ModifiedResNet
 from priorclip.layers.transformer import Transformer
 from priorclip.layers.vit import VisionTransformer
@@ -59,6 +59,19 @@ class PriorCLIP(nn.Module):
     @property
     def image_size(self) -> int:
         return self.cfg.vision.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.text.context_length
+
+    @property
+    def ranks_tokens(self) -> bool:
+        """Whether encode_image_with_order returns an order (the belief+rank gate ranks tokens; 2belief does not)."""
+        return self.has_prior and self.cfg.gate == GATE_BELIEF_PLUS_RANK
+
+    @property
+    def prior_module(self) -> nn.Module | None:
+        return self.res_visual if self.has_prior else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from priorclip.data import RetrievalSet
 from priorclip.encoder import Encoder, encode_images_with_order
-from priorclip.tokenizer import clip_tokenizer
+from priorclip.preprocess import preprocess_for
 from priorclip.transforms import EvalTransform
 
 KS = (1, 5, 10)
@@ -77,13 +77,13 @@ def chance_metrics(caption_image: np.ndarray, n_images: int) -> dict[str, float]
     return out
 
 
-def iter_image_batches(paths: Sequence, image_size: int, batch_size: int, workers: int = 4):
-    """Yield preprocessed pixel batches [B, 3, S, S]; decoding runs in threads (PIL releases the GIL).
+def iter_image_batches(paths: Sequence, transform: EvalTransform, batch_size: int, workers: int = 4):
+    """Yield pixel batches [B, 3, S, S] preprocessed by ``transform`` (the model's: :func:`preprocess_for`); decoding
+    runs in threads (PIL releases the GIL).
 
     Each image is read with :meth:`EvalTransform.load` (pixel limit from the header, large JPEGs decoded at reduced
     scale); the first unreadable one raises :class:`~priorclip.errors.DataError` naming it.
     """
-    transform = EvalTransform(image_size)
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for s in range(0, len(paths), batch_size):
             yield torch.stack(list(pool.map(transform.load, paths[s : s + batch_size])))
@@ -99,7 +99,7 @@ def embed_images_with_orders(encoder: Encoder, paths: Sequence, batch_size: int 
     ``with_orders``)."""
     embs, orders = [], []
     with tqdm(total=len(paths), desc="images", unit="img", disable=not progress) as bar:
-        for pixels in iter_image_batches(paths, encoder.image_size, batch_size, workers):
+        for pixels in iter_image_batches(paths, preprocess_for(encoder).transform, batch_size, workers):
             if with_orders:
                 emb, order = encode_images_with_order(encoder, pixels)
             else:
@@ -112,14 +112,13 @@ def embed_images_with_orders(encoder: Encoder, paths: Sequence, batch_size: int 
 
 
 def embed_texts(encoder: Encoder, captions: Sequence[str], batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    tokenizer = clip_tokenizer(encoder.context_length)
+    """Caption embeddings [N, E] in order; a model that attends to padding (PIR) is fed the reference's chunks."""
     chunks = []
     with tqdm(total=len(captions), desc="captions", unit="cap", disable=not progress) as bar:
-        for s in range(0, len(captions), batch_size):
-            batch = list(captions[s : s + batch_size])
-            chunks.append(encoder.encode_texts(tokenizer(batch)).cpu())
-            bar.update(len(batch))
-    return torch.cat(chunks)
+        for tokens in preprocess_for(encoder).text_batches(captions, batch_size):
+            chunks.append(encoder.encode_texts(tokens).cpu())
+            bar.update(len(tokens))
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 
 @dataclass

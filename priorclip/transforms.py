@@ -313,14 +313,26 @@ def to_normalized_tensor(img: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> 
     return x.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
 
 
-class EvalTransform:
-    """open_clip's eval preprocessing for a square input of ``image_size``."""
+RESIZE_CROP = "crop"  # open_clip (PriorCLIP): bicubic shortest side to the size, then the centre square
+RESIZE_SQUASH = "squash"  # PIR-pytorch: Resize((size, size)) bicubic of the RGB image, aspect not kept, nothing cut
+RESIZES = (RESIZE_CROP, RESIZE_SQUASH)
 
-    def __init__(self, image_size: int = 224) -> None:
+
+class EvalTransform:
+    """Eval preprocessing to a square input of ``image_size``: open_clip's (``resize="crop"``) or PIR-pytorch's
+    (``resize="squash"``); both normalise with the OpenAI mean and std."""
+
+    def __init__(self, image_size: int = 224, resize: str = RESIZE_CROP) -> None:
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
         self.image_size = image_size
+        self.resize = resize
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return to_normalized_tensor(resize_center_crop(img, self.image_size).convert("RGB"))
+        s = self.image_size
+        if self.resize == RESIZE_SQUASH:  # the reference converts to RGB first, then resizes
+            return to_normalized_tensor(img.convert("RGB").resize((s, s), Image.Resampling.BICUBIC))
+        return to_normalized_tensor(resize_center_crop(img, s).convert("RGB"))
 
     def load(self, source: str | Path | bytes, *, max_pixels: int | None = None) -> torch.Tensor:
         """Read an image file (path or bytes) and preprocess it: the way every eval-time caller reads images.
@@ -335,4 +347,5 @@ class EvalTransform:
             raise DataError(f"cannot convert image {_source_name(source)} to RGB: {e}") from None
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size}, bicubic shortest-side resize, centre crop, OpenAI mean/std)"
+        how = "bicubic squash to a square" if self.resize == RESIZE_SQUASH else "bicubic shortest-side resize, centre crop"
+        return f"EvalTransform(image_size={self.image_size}, {how}, OpenAI mean/std)"

@@ -28,6 +28,11 @@ data-dependent); the exported engines do the same on the host before running the
 the full context (77 tokens): :attr:`Engine.fixed_text_length` says which an engine does, and the benchmark counts
 FLOPs at the length really run.
 
+The closed-domain PIR model attends to its [PAD] tokens, so its ids always run exactly as tokenised (never cut,
+never padded further): every engine takes the batch's own length (``torch-compile`` marks the length axis dynamic,
+one graph for every length), and the ``fused`` engine, built for the open-domain model, refuses PIR
+(:attr:`Backend.families`).
+
 Static-shape engines (compiled with ``dynamic=False``, CUDA graphs) are given ``batch_buckets``: a batch is padded up
 to the next bucket (or split at the largest), so an odd-sized last batch does not trigger a fresh compilation.
 """
@@ -45,10 +50,14 @@ from typing import Any, Callable
 
 import torch
 
+from priorclip.config import FAMILY_PIR, FAMILY_PRIORCLIP
 from priorclip.encoder import Encoder, TorchEncoder, encode_images_with_order
 from priorclip.errors import PriorCLIPError
 from priorclip.model import PriorCLIP
 from priorclip.numerics import DTYPES
+from priorclip.pir import PIR
+
+Model = PriorCLIP | PIR
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
@@ -82,6 +91,7 @@ class Engine:
         self.device = torch.device(device)
         self.image_size = int(inner.image_size)
         self.context_length = int(inner.context_length)
+        self.config = getattr(inner, "config", None)
         self.fixed_text_length = fixed_text_length
         self.batch_buckets = tuple(sorted(set(batch_buckets))) if batch_buckets else None
         self.info = dict(info or {})
@@ -152,14 +162,16 @@ class CompiledTorchEncoder:
     """``torch.compile`` of ``encode_image`` / ``encode_text`` with static shapes (one graph per batch size).
 
     On CUDA the default mode is ``max-autotune`` (Triton GEMM autotuning plus CUDA graphs); CUDA-graph outputs live in
-    a static pool that the next replay overwrites, so they are cloned before they are returned. Texts always run at
-    the full context length: the model's data-dependent trim is skipped while compiling (``PriorCLIP.encode_text``).
+    a static pool that the next replay overwrites, so they are cloned before they are returned. PriorCLIP texts
+    always run at the full context length: the model's data-dependent trim is skipped while compiling
+    (``PriorCLIP.encode_text``). PIR texts run at their own length, which changes their embedding (attended [PAD]):
+    that axis is marked dynamic, so one graph serves every length instead of one compile per caption length.
     One image function returns embeddings *and* belief order, so ``encode_images`` and ``encode_images_with_order``
     (a parity pass) share one compiled graph per batch size instead of compiling twice.
     """
 
     def __init__(
-        self, model: PriorCLIP, device: torch.device, dtype: torch.dtype, mode: str | None, dynamic: bool = False
+        self, model: Model, device: torch.device, dtype: torch.dtype, mode: str | None, dynamic: bool = False
     ) -> None:
         import torch._dynamo
 
@@ -169,8 +181,10 @@ class CompiledTorchEncoder:
                 setattr(cfg, knob, max(getattr(cfg, knob), 64))
         self.device, self.dtype, self.mode = device, dtype, mode
         self.model = model.to(device).eval()
+        self.config = model.cfg
         self.image_size = model.cfg.vision.image_size
         self.context_length = model.cfg.text.context_length
+        self.dynamic_text_length = model.cfg.family == FAMILY_PIR
         self.cudagraphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
         autocast = (
             (lambda: nullcontext()) if dtype == torch.float32 else (lambda: torch.autocast(device.type, dtype=dtype))
@@ -211,7 +225,10 @@ class CompiledTorchEncoder:
         return self._run(self._image, pixels.to(self.device, torch.float32), first_only=True)
 
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._run(self._text, tokens.to(self.device))
+        tokens = tokens.to(self.device).detach()  # a tensor object of our own: the mark stays off the caller's
+        if self.dynamic_text_length and tokens.shape[1] >= 2:  # length 1 is specialised by dynamo anyway
+            torch._dynamo.mark_dynamic(tokens, 1, min=2, max=self.context_length)
+        return self._run(self._text, tokens)
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -227,6 +244,15 @@ class Backend:
     build: Callable[..., Engine]
     description: str = ""
     options: tuple[str, ...] = field(default_factory=tuple)
+    families: tuple[str, ...] = (FAMILY_PRIORCLIP, FAMILY_PIR)  # model families (``cfg.family``) it can run
+
+
+def family_reason(backend: str, family: str) -> str | None:
+    """Why ``backend`` cannot run a model of ``family`` (``cfg.family``), or None when it can."""
+    if family in get_backend(backend).families:
+        return None
+    return (f"the {backend} engine runs the open-domain PriorCLIP only, not {family.upper()} models (no {backend} "
+            f"{family.upper()} engine yet); use torch, torch-compile, onnxruntime, aoti or tensorrt")
 
 
 def _device_type(device: str | torch.device) -> str:
@@ -302,14 +328,17 @@ def _check_fused(dev: str) -> str | None:
     return None
 
 
-def _build_torch(model: PriorCLIP, precision: str, device: torch.device, **_: Any) -> Engine:
+def _build_torch(model: Model, precision: str, device: torch.device, **_: Any) -> Engine:
     enc = TorchEncoder(model, device, DTYPES[precision])
-    info = {"autocast": precision != "fp32", "trim_text": bool(model.trim_text)}
-    return Engine(enc, "torch", precision, device, fixed_text_length=not model.trim_text, info=info)
+    # PIR has no trim: its ids run as given, at the batch's own length (a PriorCLIP without trim runs what it gets)
+    trim = bool(getattr(model, "trim_text", False))
+    fixed = model.cfg.family == FAMILY_PRIORCLIP and not trim
+    info = {"autocast": precision != "fp32", "trim_text": trim}
+    return Engine(enc, "torch", precision, device, fixed_text_length=fixed, info=info)
 
 
 def _build_compile(
-    model: PriorCLIP,
+    model: Model,
     precision: str,
     device: torch.device,
     compile_mode: str | None = "default",
@@ -320,13 +349,13 @@ def _build_compile(
     if compile_mode == "default":  # max-autotune brings CUDA graphs and GEMM autotuning; on CPU it only adds time
         compile_mode = "max-autotune" if device.type == "cuda" else None
     enc = CompiledTorchEncoder(model, device, DTYPES[precision], compile_mode, dynamic)
-    info = {"compile_mode": compile_mode or "default", "cuda_graphs": enc.cudagraphs, "dynamic": dynamic}
-    return Engine(
-        enc, "torch-compile", precision, device, fixed_text_length=True, batch_buckets=batch_buckets, info=info
-    )
+    info = {"compile_mode": compile_mode or "default", "cuda_graphs": enc.cudagraphs, "dynamic": dynamic,
+            "dynamic_text_length": enc.dynamic_text_length}
+    return Engine(enc, "torch-compile", precision, device, fixed_text_length=not enc.dynamic_text_length,
+                  batch_buckets=batch_buckets, info=info)
 
 
-def _build_fused(model: PriorCLIP, precision: str, device: torch.device, batch_buckets=None,
+def _build_fused(model: Model, precision: str, device: torch.device, batch_buckets=None,
                  cuda_graphs: bool = True, project_in_kernel: bool = True, calib=None, calib_method: str = "minmax",
                  fp8_keep: tuple[str, ...] | list[str] = (), fused_norms: bool = False, **_: Any) -> Engine:
     from priorclip.serve.fused import FusedEncoder
@@ -368,7 +397,7 @@ def _build_fused(model: PriorCLIP, precision: str, device: torch.device, batch_b
 def _build_exported(
     fmt: str,
     backend: str,
-    model: PriorCLIP,
+    model: Model,
     precision: str,
     device: torch.device,
     workdir: str | Path | None = None,
@@ -480,6 +509,7 @@ BACKENDS: dict[str, Backend] = {
             _build_fused,
             "inference-only encoders: folded BN, fused stem+gate kernel, exact pruning, CUDA graphs on GPU",
             ("batch_buckets", "cuda_graphs", "project_in_kernel", "fused_norms", "calib_method", "fp8_keep"),
+            (FAMILY_PRIORCLIP,),
         ),
     )
 }
@@ -509,7 +539,7 @@ def get_backend(name: str) -> Backend:
 
 def create_engine(
     backend: str,
-    model: PriorCLIP,
+    model: Model,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
     workdir: str | Path | None = None,
@@ -522,7 +552,8 @@ def create_engine(
 
     Args:
         backend: a key of :data:`BACKENDS`.
-        model: the PriorCLIP model (eval mode); engines may move it to ``device``.
+        model: the PriorCLIP or PIR model (eval mode); engines may move it to ``device``. A backend that does not
+            run the model's family (:attr:`Backend.families`: ``fused`` is open-domain only) is refused.
         precision: fp32, fp16, bf16, int8 or fp8, as the backend supports on that device.
         workdir: where exporting backends write their artefacts (default: a fresh temporary folder).
         calib: a :class:`~priorclip.data.RetrievalSet` for int8 (exporters) and fp8 (fused) calibration.
@@ -535,7 +566,8 @@ def create_engine(
             ``max_batch`` (exporters).
 
     Raises:
-        PriorCLIPError: unknown backend, a precision it does not support, or a backend that cannot run here.
+        PriorCLIPError: unknown backend, a precision it does not support, a backend that cannot run here or cannot
+            run the model's family.
         priorclip.export.api.ExportError: an exporting backend's parity is outside its precision's tolerance.
     """
     b = get_backend(backend)
@@ -547,5 +579,7 @@ def create_engine(
         raise PriorCLIPError(
             f"backend {backend} does not run {precision} on {dev.type} (it runs: {', '.join(b.precisions[dev.type])})"
         )
+    if (reason := family_reason(backend, model.cfg.family)) is not None:
+        raise PriorCLIPError(reason)
     return b.build(model, precision, dev, workdir=workdir, calib=calib, parity_set=parity_set,
                    reference_embeddings=reference_embeddings, **options)

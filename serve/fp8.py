@@ -211,6 +211,7 @@ def calibrate(enc, sites: list[_Site], paths: list, method: str, batch_size: int
     range is the first pass's absmax), decoding the images again rather than holding them.
     """
     from priorclip.retrieval import iter_image_batches
+    from priorclip.transforms import EvalTransform
 
     stats = {s.name: TensorStats() for s in sites}
     recorders = [_Recorder(getattr(s.owner, s.attr), stats[s.name]) for s in sites]
@@ -223,7 +224,7 @@ def calibrate(enc, sites: list[_Site], paths: list, method: str, batch_size: int
                 if hist:
                     r.stats.hist = np.zeros(HIST_BINS, dtype=np.float64)
             with torch.inference_mode():
-                for pixels in iter_image_batches(paths, enc.image_size, batch_size):
+                for pixels in iter_image_batches(paths, EvalTransform(enc.image_size), batch_size):
                     enc._image_forward(pixels.to(enc.device, enc.dtype))
     finally:
         for s, r in zip(sites, recorders):

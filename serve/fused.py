@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from priorclip.config import FAMILY_PRIORCLIP
+from priorclip.errors import PriorCLIPError
 from priorclip.kernels.add_layernorm import add_layernorm
 from priorclip.kernels.belief_gate import fused_enabled, stem_gate
 from priorclip.layers.resnet import Bottleneck, ModifiedResNet
@@ -298,6 +300,9 @@ class FusedEncoder:
     def __init__(self, model: PriorCLIP, device: str | torch.device, dtype: torch.dtype,
                  cuda_graphs: bool = True, project_in_kernel: bool = True, fp8: Fp8Config | None = None,
                  fused_norms: bool = False) -> None:
+        if model.cfg.family != FAMILY_PRIORCLIP:  # PIR's Swin/BERT/VIR/LCA towers have no fused version yet
+            raise PriorCLIPError(f"the fused engine runs the open-domain PriorCLIP only, not {model.cfg.name!r} "
+                                 f"(family {model.cfg.family}); use the torch, torch-compile or exported engines")
         if dtype not in _DTYPES:
             raise ValueError(f"FusedEncoder dtype must be one of {_DTYPES}, got {dtype}")
         if fp8 is not None and dtype != torch.bfloat16:
@@ -307,6 +312,7 @@ class FusedEncoder:
             dev = torch.device("cuda", torch.cuda.current_device())
         self.device, self.dtype = dev, dtype
         cfg = model.cfg
+        self.config = cfg
         self.image_size = cfg.vision.image_size
         self.context_length = cfg.text.context_length
         self.embed_dim = cfg.embed_dim

@@ -1,6 +1,6 @@
 """Print the exact device calls of a GPU queue entry, after checking that everything they carry is staged and fits.
 
-    python benchmarks/gpu/calls.py 1|2|3 [--revision SHA]
+    python benchmarks/gpu/calls.py 1|2|3|4|5 [--revision SHA]
 
 One JSON object per call (``carry``, ``command``, ``timeout_s``), in order, ready for the device tool's ``run``,
 each after a comment line with the MiB it sends; the revision is filled in (``.git`` does not travel). This is the
@@ -61,12 +61,13 @@ def plan(entry: str, rev: str) -> list[dict]:
     if entry == "1":
         return [{"carry": [".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q1-speed.sh",
                  "timeout_s": RUN_TIMEOUT_S}]
-    if entry == "2":
+    if entry in ("2", "5"):  # both train on the staged AID/RSICD parts
         parts = _folders("dtrain")
         if not parts or not (ROOT / parts[-1] / "parts.json").is_file():
             raise SystemExit("Error: no staged training data (.dtrain*/parts.json): run python benchmarks/gpu/stage.py train")
-        calls = [_copy_call(p, "/tmp/dparts") for p in parts[:-1]]  # q2-train.sh's PARTS_DIR
-        return calls + [{"carry": [parts[-1], ".whl"], "command": env + "bash benchmarks/gpu/q2-train.sh",
+        calls = [_copy_call(p, "/tmp/dparts") for p in parts[:-1]]  # the scripts' PARTS_DIR
+        script = "q2-train.sh" if entry == "2" else "q5-pir.sh"
+        return calls + [{"carry": [parts[-1], ".whl"], "command": env + f"bash benchmarks/gpu/{script}",
                          "timeout_s": RUN_TIMEOUT_S}]
     if entry == "3":
         chunks = _folders("chunk")
@@ -79,7 +80,7 @@ def plan(entry: str, rev: str) -> list[dict]:
     if entry == "4":
         return [{"carry": [".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q4-autotune.sh",
                  "timeout_s": RUN_TIMEOUT_S}]
-    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2, 3 or 4)")
+    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2, 3, 4 or 5)")
 
 
 def check(calls: list[dict]) -> tuple[list[str], list[float]]:
@@ -112,7 +113,7 @@ def check(calls: list[dict]) -> tuple[list[str], list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("entry", choices=["1", "2", "3", "4"])
+    ap.add_argument("entry", choices=["1", "2", "3", "4", "5"])
     ap.add_argument("--revision", default=None, help="default: git rev-parse HEAD, +dirty with uncommitted changes")
     a = ap.parse_args(argv)
     calls = plan(a.entry, a.revision or git_revision(ROOT) or "unknown")

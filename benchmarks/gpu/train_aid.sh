@@ -11,6 +11,10 @@
 #   noaff      the same budget, contrastive loss only
 #   clip       the same budget, plain CLIP ViT-B/32 (no prior, no gate), contrastive loss only
 #   randprior  optional: priorclip-vit-b32 + affiliation loss with a random (untrained) prior
+#   pirprior   the closed-domain PIR's prior: PIR_MODEL's torchvision ResNet-50 as the same AID scene classifier
+#   pir        PIR_MODEL (Swin-T + that prior + BERT, VIR + LCA) with PIR's losses, the same budget as the others
+#              (random Swin/BERT init: no pretrained weights are reachable; the reference starts from ImageNet-22k
+#              Swin-T and bert-base-uncased, so this measures the architecture under our budget, not the paper)
 #   report     JSON + Markdown + PNG (loss and validation-mR curves) from the phases that have run (CPU is enough)
 #   all        prior,priorclip,noaff,clip,report
 #
@@ -29,7 +33,7 @@
 # Knobs (environment), defaults sized for one 9-minute H100 call (benchmarks/gpu/README.md derives them):
 # EPOCHS (2: 310 steps of 256 pairs), BATCH (256), LR (5e-4), LR_WARMUP (30 steps), PRECISION (bf16), WORKERS
 # (cores - 2), PRIOR_EPOCHS (8), PRIOR_BATCH (256), PRIOR_LR (2e-3), PRIOR_WARMUP (50), MAX_MIN (2.25),
-# CLIP_MAX_MIN (MAX_MIN), PRIOR_MAX_MIN (1.25), VAL_LIMIT (validate on N class-spread val images; default: the whole
+# CLIP_MAX_MIN (MAX_MIN), PIR_MAX_MIN (MAX_MIN), PRIOR_MAX_MIN (1.25), PIR_MODEL (pir-swin-t-bert), VAL_LIMIT (validate on N class-spread val images; default: the whole
 # val split), MODEL (priorclip-vit-b32), CLIP_MODEL (clip-vit-b32), DEVICE (auto), DATA_JSON
 # (dataset_rsicd_aid.json), EXTRA (more `priorclip train` options), PYTHON. The CPU tests run every phase with the
 # tiny configs through these knobs. The tokenizer needs ftfy, which the GPU image lacks: q2-train.sh installs the
@@ -37,7 +41,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 
-PHASES=${1:?usage: train_aid.sh prior|priorclip|noaff|clip|randprior|report|all [DATA_DIR]}
+PHASES=${1:?usage: train_aid.sh prior|priorclip|noaff|clip|randprior|pirprior|pir|report|all [DATA_DIR]}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 DATA=${2:-${DATA:-}}
 if [[ -z "$DATA" && "$PHASES" != report ]]; then  # the search every priorclip tool makes, in one place
@@ -65,6 +69,8 @@ PRIOR_MAX_MIN=${PRIOR_MAX_MIN:-1.25}
 VAL_LIMIT=${VAL_LIMIT:-}
 MODEL=${MODEL:-priorclip-vit-b32}
 CLIP_MODEL=${CLIP_MODEL:-clip-vit-b32}
+PIR_MODEL=${PIR_MODEL:-pir-swin-t-bert}
+PIR_MAX_MIN=${PIR_MAX_MIN:-$MAX_MIN}
 DEVICE=${DEVICE:-auto}
 EXTRA=${EXTRA:-}
 PRIORCLIP=("$PY" -m priorclip.cli)
@@ -110,24 +116,35 @@ retrieval() {  # NAME MODEL CAP_MIN [options...]: one retrieval run with the sha
   return "$rc"
 }
 
-need_prior() {
-  if [[ ! -f "$RUNS/prior/prior.pt" ]]; then
-    echo "Error: $RUNS/prior/prior.pt is missing (the device machine was given back?): run the 'prior' phase first" >&2
+need_prior() {  # [PHASE]: the prior phase whose prior.pt a run starts from (prior, or pirprior for PIR)
+  local from=${1:-prior}
+  if [[ ! -f "$RUNS/$from/prior.pt" ]]; then
+    echo "Error: $RUNS/$from/prior.pt is missing (the device machine was given back?): run the '$from' phase first" >&2
     exit 3
   fi
+}
+
+train_prior() {  # NAME MODEL: the scene prior of MODEL as an AID classifier
+  local name=$1 model=$2
+  rm -rf "${RUNS:?}/$name"
+  "${PRIORCLIP[@]}" train-prior --data "$DATA/$DATA_JSON" --images "$DATA/images" --model "$model" \
+    --epochs "$PRIOR_EPOCHS" --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --wd 0.05 --warmup "$PRIOR_WARMUP" \
+    --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" --max-wall-min "$PRIOR_MAX_MIN" \
+    --no-progress --out "$RUNS/$name" 2>&1 | tee "$RUNS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  keep "$name"
+  return "$rc"
 }
 
 run_phase() {
   case "$1" in
     prior)
-      rm -rf "${RUNS:?}/prior"
-      "${PRIORCLIP[@]}" train-prior --data "$DATA/$DATA_JSON" --images "$DATA/images" --model "$MODEL" \
-        --epochs "$PRIOR_EPOCHS" --batch-size "$PRIOR_BATCH" --lr "$PRIOR_LR" --wd 0.05 --warmup "$PRIOR_WARMUP" \
-        --precision "$PRECISION" --workers "$WORKERS" --device "$DEVICE" --max-wall-min "$PRIOR_MAX_MIN" \
-        --no-progress --out "$RUNS/prior" 2>&1 | tee "$RUNS/prior.log"
-      local rc=${PIPESTATUS[0]}
-      keep prior
-      return "$rc" ;;
+      train_prior prior "$MODEL" ;;
+    pirprior)
+      train_prior pirprior "$PIR_MODEL" ;;
+    pir)
+      need_prior pirprior
+      retrieval pir "$PIR_MODEL" "$PIR_MAX_MIN" --prior-checkpoint "$RUNS/pirprior/prior.pt" ;;
     priorclip)
       need_prior
       retrieval priorclip "$MODEL" "$MAX_MIN" --prior-checkpoint "$RUNS/prior/prior.pt" ;;
@@ -141,7 +158,7 @@ run_phase() {
     report)
       "$PY" benchmarks/gpu/train_aid_report.py --runs "${REPORT_FROM:-$RUNS}" --out "$OUT" ${REPORT_NOTE:+--note "$REPORT_NOTE"} ;;
     *)
-      echo "Error: unknown phase '$1' (prior|priorclip|noaff|clip|randprior|report|all)" >&2
+      echo "Error: unknown phase '$1' (prior|priorclip|noaff|clip|randprior|pirprior|pir|report|all)" >&2
       exit 2 ;;
   esac
 }

@@ -20,7 +20,9 @@ RUNS = {
     "noaff": "PriorCLIP (trained prior + gate, contrastive only)",
     "clip": "plain CLIP (no prior/gate, contrastive only)",
     "randprior": "PriorCLIP (random prior + gate, contrastive + affiliation)",
+    "pir": "closed-domain PIR (Swin-T + trained ResNet-50 prior + BERT, VIR + LCA, PIR's contrastive + affiliation)",
 }
+PRIORS = {"prior": "prior", "pirprior": "pir_prior"}  # phase folder -> report key
 KEYS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mR")
 CITE = ("Data: AID images (Xia et al., IEEE TGRS 2017) with RSICD captions (Lu et al., IEEE TGRS 2018), RSICD's split "
         "without its 921 numbered images; results are comparable with each other, not with published RSICD tables.")
@@ -34,14 +36,16 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def collect(runs: Path) -> dict:
     report: dict = {"runs": {}, "curves": {}}
-    prior = runs / "prior" / "prior_summary.json"
-    if prior.is_file():
+    for folder, key in PRIORS.items():
+        prior = runs / folder / "prior_summary.json"
+        if not prior.is_file():
+            continue
         p = json.loads(prior.read_text())
-        report["prior"] = {k: p.get(k) for k in ("model", "metrics", "n_train", "n_val", "n_test", "steps", "planned_steps",
-                                                  "stopped", "samples_per_s", "train_seconds", "wall_seconds", "device",
-                                                  "precision", "torch", "date", "command", "skipped_images")}
-        report["prior"]["n_classes"] = len(p.get("classes", []))
-        report["prior"]["val_curve"] = [(e["epoch"], e.get("val_top1")) for e in p.get("epochs", [])]
+        report[key] = {k: p.get(k) for k in ("model", "metrics", "n_train", "n_val", "n_test", "steps", "planned_steps",
+                                             "stopped", "samples_per_s", "train_seconds", "wall_seconds", "device",
+                                             "precision", "torch", "date", "command", "skipped_images")}
+        report[key]["n_classes"] = len(p.get("classes", []))
+        report[key]["val_curve"] = [(e["epoch"], e.get("val_top1")) for e in p.get("epochs", [])]
     for name in RUNS:
         f = runs / name / "summary.json"
         if not f.is_file():
@@ -79,7 +83,7 @@ def collect(runs: Path) -> dict:
                 parity[name] = {"passed": False, "failures": [f"could not run: {err}"]}
     if parity:
         report["parity"] = parity
-    devices = {r["device"] for r in report["runs"].values()} | ({report["prior"]["device"]} if "prior" in report else set())
+    devices = {r["device"] for r in report["runs"].values()} | {report[k]["device"] for k in PRIORS.values() if k in report}
     report["device"] = ", ".join(sorted(d for d in devices if d))
     return report
 
@@ -93,11 +97,13 @@ def markdown(rep: dict) -> str:
     if rep.get("note"):
         lines += [f"**Note:** {rep['note']}", ""]
     lines += [CITE, ""]
-    if "prior" in rep:
-        p = rep["prior"]
+    for key in (k for k in PRIORS.values() if k in rep):
+        p = rep[key]
         m = p.get("metrics") or {}
+        what = ("conv_encoder of {}: torchvision ResNet-50 + linear head" if key == "pir_prior"
+                else "res_visual of {}: ModifiedResNet + linear head").format(p.get("model"))
         lines += [
-            f"## Scene prior (res_visual of {p.get('model')}: ModifiedResNet + linear head, {p.get('n_classes')} classes)", "",
+            f"## Scene prior ({what}, {p.get('n_classes')} classes)", "",
             "| val top-1 | test top-1 | train images | steps | samples/s | train s | wall s | precision |",
             "|---:|---:|---:|---:|---:|---:|---:|---|",
             f"| {m.get('val_top1', float('nan')):.2f} | {m.get('test_top1', float('nan')):.2f} | {p.get('n_train')} | "
@@ -161,7 +167,7 @@ def plot(rep: dict, path: Path) -> bool:
             axes[0].plot(steps, smooth, label=name)
         if c["val"]:
             axes[1].plot([v[0] for v in c["val"]], [v[2] for v in c["val"]], marker="o", label=name)
-    axes[0].set(title="training loss (contrastive [+ affiliation])", xlabel="step", ylabel="loss")
+    axes[0].set(title="training loss (contrastive [+ affiliation]; PIR's own terms)", xlabel="step", ylabel="loss")
     axes[1].set(title="validation mR (%)", xlabel="epoch", ylabel="mR")
     for ax in axes[:2]:
         ax.grid(alpha=0.3)
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     rep = collect(a.runs)
     rep["note"] = a.note
-    if not rep["runs"] and "prior" not in rep and "parity" not in rep:
+    if not rep["runs"] and not any(k in rep for k in PRIORS.values()) and "parity" not in rep:
         print(f"Error: no phase results under {a.runs}", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)

@@ -25,22 +25,23 @@ _P = click.Path(path_type=str)
 @click.option("--val-limit", type=click.IntRange(min=1), help="Validate on N images spread over the scene classes (seeded), not the first N.")
 @click.option("--test-split", default="test", show_default=True, help="Split evaluated once at the end ('none' to skip).")
 @click.option("--train-num-samples", type=click.IntRange(min=1), help="Samples per epoch for webdataset data (default: counted).")
-@click.option("--model", default="priorclip-vit-b32", show_default=True, help="Registered config to train (see 'priorclip info').")
-@click.option("--init-checkpoint", type=_P, help="Start from these weights (strict load), e.g. an official PriorCLIP .pt.")
-@click.option("--prior-checkpoint", type=_P, help="Load res_visual.* from a 'priorclip train-prior' output before training.")
-@click.option("--lock-prior", is_flag=True, help="Freeze the prior network (weights and BatchNorm statistics).")
-@click.option("--lock-text", is_flag=True, help="Freeze the text tower (embeddings, transformer, ln_final, text_projection).")
+@click.option("--model", default="priorclip-vit-b32", show_default=True, help="Registered config to train (see 'priorclip info'): the open-domain PriorCLIP family or the closed-domain PIR (pir-swin-t-bert).")
+@click.option("--init-checkpoint", type=_P, help="Start from these weights (strict load), e.g. an official PriorCLIP .pt or PIR checkpoint_best.pth.")
+@click.option("--prior-checkpoint", type=_P, help="Load the prior network before training: a 'priorclip train-prior' output (res_visual.* / conv_encoder.*), or for PIR a torchvision ResNet-50 file such as RSP's aid_28-rsp-resnet-50-ckpt.pth.")
+@click.option("--lock-prior", is_flag=True, help="Freeze the prior network (weights and BatchNorm statistics). PIR's prior weights are always frozen, as in the reference; its BatchNorm statistics still update unless this is given.")
+@click.option("--lock-text", is_flag=True, help="Freeze the text tower (CLIP: embeddings, transformer, ln_final, text_projection; PIR: BERT and text_proj).")
 @click.option("--no-aff-loss", is_flag=True, help="Contrastive loss only (turn the affiliation loss off).")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Per process and micro-batch.")
 @click.option("--accum-freq", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per optimiser step (the loss sees all of them).")
-@click.option("--lr", default=5e-4, show_default=True, type=float)
-@click.option("--wd", default=0.2, show_default=True, type=float, help="AdamW weight decay (not on norms, biases, logit scale).")
+@click.option("--lr", type=float, help="Peak learning rate. Default: the model family's recipe: 5e-4 (PriorCLIP), 6e-5 (PIR, spec §5B).")
+@click.option("--wd", type=float, help="AdamW weight decay (PriorCLIP: not on norms, biases, logit scale; PIR: not on biases and LayerNorm/norm weights, as PIR-pytorch). Default: 0.2 (PriorCLIP), 0.01 (PIR).")
 @click.option("--beta1", default=0.9, show_default=True, type=float)
-@click.option("--beta2", default=0.999, show_default=True, type=float, help="0.999 as the PriorCLIP recipe; 0.98 is open_clip's ViT choice.")
+@click.option("--beta2", type=float, help="Default: 0.999 (the PriorCLIP recipe), 0.98 (PIR).")
 @click.option("--eps", default=1e-8, show_default=True, type=float)
-@click.option("--warmup", default=100, show_default=True, type=click.IntRange(min=0), help="Linear warm-up steps.")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "const"]), default="cosine", show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), help="Linear warm-up steps. Default: 100 (PriorCLIP), 10%% of the run's steps (PIR).")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "hf_linear", "const"]), default=None,
+              help="After the warm-up. Default: cosine (PriorCLIP), hf_linear (PIR: linear to 0, transformers' schedule).")
 @click.option("--grad-clip", type=float, help="Clip the gradient norm to this value.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="bf16/fp16 autocast (fp16 with a gradient scaler).")
@@ -76,7 +77,9 @@ _P = click.Path(path_type=str)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @user_errors
 def train(**kw) -> None:
-    """Train PriorCLIP: contrastive InfoNCE + the affiliation loss (spec §4A), AdamW, warm-up + cosine, AMP, DDP.
+    """Train PriorCLIP (contrastive InfoNCE + the affiliation loss, spec §4A) or PIR (--model pir-swin-t-bert: soft
+    same-image contrastive + its affiliation term, unclamped temperatures, spec §4B): AdamW, warm-up + decay, AMP, DDP.
+    Unset optimiser options take the family's reference recipe (recorded in config.json).
 
     \b
     Single GPU:  priorclip train --data dataset_rsicd.json --images images/ --out runs/rsicd --precision bf16
@@ -101,7 +104,9 @@ def train(**kw) -> None:
 @click.command("train-prior", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--data", required=True, type=_P, help="Karpathy-style dataset JSON whose images carry a 'label' (else the file-name prefix is the class).")
 @click.option("--images", required=True, type=_P, help="Image folder the JSON's file names are relative to.")
-@click.option("--model", default="priorclip-vit-b32", show_default=True, help="Config whose prior network (res_visual) is trained.")
+@click.option("--model", default="priorclip-vit-b32", show_default=True,
+              help="Config whose prior network is trained: res_visual (the ModifiedResNet) of a PriorCLIP config, or "
+              "conv_encoder (the torchvision-layout ResNet) of a PIR config (pir-swin-t-bert, pir-tiny).")
 @click.option("--split", default="train", show_default=True)
 @click.option("--val-split", default="val", show_default=True, help="'none' to skip.")
 @click.option("--test-split", default="test", show_default=True, help="'none' to skip.")
@@ -121,9 +126,11 @@ def train(**kw) -> None:
 @click.option("--no-progress", is_flag=True)
 @user_errors
 def train_prior(**kw) -> None:
-    """Train the ModifiedResNet prior as a scene classifier (res_visual + a linear head), report val/test top-1.
+    """Train a model's prior network as a scene classifier (the prior + a linear head), report val/test top-1.
 
-    Then start retrieval training from it: priorclip train --prior-checkpoint OUT/prior.pt ...
+    OUT/prior.pt holds the prior under the retrieval model's keys (res_visual.* or conv_encoder.*). Then start
+    retrieval training from it: priorclip train --model <same config> --prior-checkpoint OUT/prior.pt ...
+    (for PIR, --prior-checkpoint also takes a torchvision ResNet state dict such as the RSP AID ResNet-50).
     """
     from priorclip.training.prior import PriorTrainConfig, train_prior as run
 

@@ -11,6 +11,9 @@ Design points:
   the batches the uninterrupted run would have seen.
 * **Bad images are skipped and counted, never silently**: unreadable or missing images are dropped from the cache
   (listed in the run folder) or, when decoded on the fly, dropped from their batch and reported with it.
+* **Image identity.** Every batch carries ``image_ids`` [B] int64, the same on every process for the same image, so
+  captions of one image can be recognised after an all-gather (the PIR loss's soft positives): the index of the image
+  in its :class:`PairSource`, or, for webdataset streams, :func:`stable_image_id` of its name.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import hashlib
 import io
 import math
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -201,10 +206,15 @@ def random_resized_crop(
 
 
 class TrainTransform:
-    """Random resized crop + horizontal flip -> uint8 tensor [3, S, S] (``augment=False``: resize + centre crop)."""
+    """Random resized crop + horizontal flip -> uint8 tensor [3, S, S] (``augment=False``: resize + centre crop).
 
-    def __init__(self, image_size: int, augment: bool = True, scale=(0.5, 1.0)) -> None:
+    ``randaugment``: then RandAugment(N=2, M=7), PIR-pytorch's training augmentation (spec §5B)."""
+
+    def __init__(self, image_size: int, augment: bool = True, scale=(0.5, 1.0), randaugment: bool = False) -> None:
+        from priorclip.training.randaugment import RandAugment
+
         self.image_size, self.augment, self.scale = image_size, augment, scale
+        self.randaugment = RandAugment() if randaugment and augment else None
 
     def __call__(self, img: Image.Image | np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         if isinstance(img, np.ndarray):
@@ -215,6 +225,8 @@ class TrainTransform:
             img = random_resized_crop(img, s, rng, self.scale)
             if rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.randaugment is not None:
+                img = self.randaugment(img, rng)
         else:
             from priorclip.transforms import resize_center_crop
 
@@ -252,10 +264,11 @@ class PairDataset(torch.utils.data.Dataset):
         augment: bool = True,
         seed: int = 0,
         class_ids: list[int] | None = None,
+        randaugment: bool = False,
     ) -> None:
         self.source, self.cache, self.seed = source, cache, seed
         self.tokens = tokens  # [N_pairs, L] int32, or None for classification
-        self.transform = TrainTransform(image_size, augment)
+        self.transform = TrainTransform(image_size, augment, randaugment=randaugment)
         self.class_ids = class_ids  # per image, for classification
         self.index = np.arange(len(source.caption_image))  # pairs left after dropping bad images
         if cache is not None:
@@ -277,7 +290,7 @@ class PairDataset(torch.utils.data.Dataset):
                 img = open_image(path)
             except DataError as e:
                 return {"skipped": (str(path), str(e))}
-        item = {"pixels": self.transform(img, sample_rng(self.seed, epoch, i)), "name": path.name}
+        item = {"pixels": self.transform(img, sample_rng(self.seed, epoch, i)), "name": path.name, "image_id": img_i}
         if self.tokens is not None:
             item["tokens"] = self.tokens[pair]
         if self.class_ids is not None:
@@ -329,19 +342,65 @@ def collate(items: list[dict]) -> dict:
     if good:
         out["pixels"] = torch.stack([it["pixels"] for it in good])
         if "tokens" in good[0]:
-            out["tokens"] = torch.stack([it["tokens"] for it in good]).long()
+            out["tokens"] = pad_rows([it["tokens"] for it in good])
         if "label" in good[0]:
             out["labels"] = torch.tensor([it["label"] for it in good], dtype=torch.long)
+        if "image_id" in good[0]:
+            out["image_ids"] = torch.tensor([it["image_id"] for it in good], dtype=torch.long)
     return out
 
 
-def tokenize_captions(captions: Sequence[str], context_length: int = 77) -> torch.Tensor:
-    """Token ids [N, context_length] int32; each distinct caption is tokenised once (RSICD repeats many)."""
-    from priorclip.tokenizer import clip_tokenizer
+def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack 1-D token rows as int64 [B, L], right-padding shorter ones with 0 (CLIP's and BERT's padding id): CLIP
+    rows all have the context length; PIR's WordPiece rows have their own lengths."""
+    n = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
-    tok = clip_tokenizer(context_length)
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Cut [B, L] ids to the batch's longest row (ids are never 0 but for padding): PIR-pytorch pads every training
+    batch to its longest caption, and PIR attends to padding, so the width is part of what it is trained on."""
+    return tokens[:, : max(int((tokens != 0).sum(1).max()), 1)] if tokens.numel() else tokens
+
+
+def drop_untokenizable(src: PairSource, tokenizer: Callable[[Sequence[str]], torch.Tensor]) -> tuple[PairSource, int]:
+    """The pairs whose caption the tokenizer takes, and how many it refused. PIR's cleaning (pre_caption) refuses a
+    caption with no words left, as the reference does, where it would stop the run (AID/RSICD's train split has two).
+    """
+    uniq = sorted(set(src.captions))
+    try:
+        tokenizer(uniq)
+        return src, 0
+    except DataError:
+        pass
+
+    def takes(c: str) -> bool:
+        try:
+            tokenizer([c])
+            return True
+        except DataError:
+            return False
+
+    refused = {c for c in uniq if not takes(c)}
+    keep = np.array([i for i, c in enumerate(src.captions) if c not in refused], dtype=np.int64)
+    bad = len(src.captions) - len(keep)
+    return dataclasses.replace(src, captions=[src.captions[i] for i in keep],
+                               caption_image=np.asarray(src.caption_image)[keep]), bad
+
+
+def tokenize_captions(captions: Sequence[str], context_length: int = 77,
+                      tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None) -> torch.Tensor:
+    """Token ids [N, L <= context_length] int32 by ``tokenizer`` (default: CLIP's); each distinct caption is
+    tokenised once (RSICD repeats many)."""
+    if tokenizer is None:
+        from priorclip.tokenizer import clip_tokenizer
+
+        tokenizer = clip_tokenizer(context_length)
     uniq = sorted(set(captions))
-    table = tok(uniq).to(torch.int32) if uniq else torch.zeros(0, context_length, dtype=torch.int32)
+    table = tokenizer(uniq).to(torch.int32) if uniq else torch.zeros(0, context_length, dtype=torch.int32)
     where = {c: i for i, c in enumerate(uniq)}
     return table[torch.tensor([where[c] for c in captions], dtype=torch.long)]
 
@@ -396,6 +455,12 @@ def iter_tar_samples(path: str) -> Iterator[dict[str, bytes]]:
         raise DataError(f"cannot read webdataset shard {path}: {e}") from None
 
 
+def stable_image_id(name: str) -> int:
+    """A 63-bit id of an image name (blake2b, so the same on every process and run, unlike ``hash``); distinct names
+    collide with probability about k²/2⁶⁴ for k names in a global batch."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
 def count_tar_samples(paths: Sequence[str]) -> int:
     return sum(1 for p in paths for _ in iter_tar_samples(p))
 
@@ -418,15 +483,17 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
     def __init__(
         self, shards: list[str], image_size: int, seed: int = 0, rank: int = 0, world: int = 1, epoch: int = 0,
         shuffle_buffer: int = 1000, context_length: int = 77, augment: bool = True,
+        tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None, randaugment: bool = False,
     ) -> None:
         self.shards, self.seed, self.rank, self.world, self.epoch = shards, seed, rank, world, epoch
         self.buffer, self.context_length = shuffle_buffer, context_length
-        self.transform = TrainTransform(image_size, augment)
+        self.tokenizer = tokenizer  # default: CLIP's for context_length
+        self.transform = TrainTransform(image_size, augment, randaugment=randaugment)
 
     def _samples(self, rng: np.random.Generator, reader: int, readers: int) -> Iterator[dict]:
         from priorclip.tokenizer import clip_tokenizer
 
-        tok = clip_tokenizer(self.context_length)
+        tok = self.tokenizer or clip_tokenizer(self.context_length)
         while True:
             order = list(rng.permutation(len(self.shards)))
             mine = order[reader::readers] if len(self.shards) >= readers else order
@@ -445,10 +512,16 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
                     except DataError as e:
                         yield {"skipped": (f"{self.shards[s]}:{key}", str(e))}
                         continue
+                    try:
+                        tokens = tok(cap_b.decode("utf-8", "replace"))[0]
+                    except DataError as e:  # a caption PIR's cleaning leaves empty
+                        yield {"skipped": (f"{self.shards[s]}:{key}", str(e))}
+                        continue
                     yield {
                         "pixels": self.transform(img, rng),
-                        "tokens": tok(cap_b.decode("utf-8", "replace"))[0],
+                        "tokens": tokens,
                         "name": name,
+                        "image_id": stable_image_id(name),
                     }
 
     def __iter__(self) -> Iterator[dict]:

@@ -8,7 +8,12 @@
   features, then L_a = ½[CE(s·I T̄ᵀ, diag) + CE(s·T Īᵀ, diag)] with the same logit scale s.
 * Total L = L_c + L_a (weights 1); ``affiliation=False`` gives plain CLIP training.
 
-The loss runs in float32 whatever the autocast state, because s can reach 100 and bf16 logits lose the ranking.
+The closed-domain PIR loss (spec §4B, :class:`PIRLoss`) differs in three ways: logits are divided by two learnable,
+unclamped temperatures (``temp`` for the contrastive term, ``temp2`` for the affiliation term); several captions of one
+image in the global batch are soft positives of each other (targets row-normalised over equal image ids); and the
+second affiliation term ranks, for each image centre Ī_i, all texts T_j (the transpose of T Īᵀ).
+
+Both losses run in float32 whatever the autocast state, because s can reach 100 and bf16 logits lose the ranking.
 """
 
 from __future__ import annotations
@@ -113,3 +118,72 @@ class ClipAffLoss(nn.Module):
                     + F.cross_entropy(scale * all_text @ image_c.T, target)
                 )
         return out
+
+
+class PIRLoss(nn.Module):
+    """PIR-pytorch's contrastive + ``center_factor`` x affiliation loss (spec §4B); returns a dict of the terms
+    ("contrastive", and "affiliation" already weighted), so their sum is the total, as with :class:`ClipAffLoss`.
+
+    Features, centres and image ids are all-gathered with :func:`gather_features`: every process computes the whole
+    global-batch loss, and gradients follow the gather-with-grad convention documented there.
+    """
+
+    def __init__(self, affiliation: bool = True, center_factor: float = 1.0) -> None:
+        super().__init__()
+        self.affiliation, self.center_factor = affiliation, float(center_factor)
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, temps: torch.Tensor, labels: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            image, text: L2-normalised local features [N, E].
+            temps: [temp, temp2], the model's two temperatures (logits are divided by them).
+            labels: [N] class ids of the local batch (needed when ``affiliation``); only equality matters.
+            image_ids: [N] global image ids (equal ids are positives of each other); None: each sample its own image.
+        """
+        n = _check_pir_inputs(image, text, temps, labels, image_ids, self.affiliation)
+        with torch.autocast(image.device.type, enabled=False):
+            image, text, temps = image.float(), text.float(), temps.float()
+            temp, temp2 = temps[0], temps[1]
+            all_image, all_text = gather_features(image), gather_features(text)
+            logits = all_image @ all_text.T / temp  # [N_all, N_all]
+            if image_ids is None:
+                target: torch.Tensor = torch.arange(all_image.shape[0], device=image.device)
+            else:
+                all_ids = gather_features(image_ids.to(image.device).reshape(n))  # integer: no gradient to carry
+                same = (all_ids.unsqueeze(0) == all_ids.unsqueeze(1)).float()
+                target = same / same.sum(dim=1, keepdim=True)  # symmetric, so it serves both directions
+            out = {"contrastive": 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))}
+            if self.affiliation:
+                labels = labels.to(image.device).reshape(n)
+                image_c = gather_features(class_centres(image, labels))  # [N_all, E]
+                text_c = gather_features(class_centres(text, labels))
+                diag = torch.arange(all_image.shape[0], device=image.device)
+                i2tc = all_image @ text_c.T / temp2  # row i: image i against every text centre
+                ic2t = image_c @ all_text.T / temp2  # row i: image centre i against every text (= (T Īᵀ)ᵀ)
+                out["affiliation"] = self.center_factor * 0.5 * (
+                    F.cross_entropy(i2tc, diag) + F.cross_entropy(ic2t, diag)
+                )
+        return out
+
+
+def _check_pir_inputs(
+    image: torch.Tensor, text: torch.Tensor, temps: torch.Tensor, labels: torch.Tensor | None,
+    image_ids: torch.Tensor | None, affiliation: bool,
+) -> int:
+    """The local batch size N, after checking the shapes :class:`PIRLoss` needs (ValueError otherwise)."""
+    if image.dim() != 2 or image.shape != text.shape or image.shape[0] == 0:
+        raise ValueError(f"image and text features must both be [N, E] with N >= 1, got {tuple(image.shape)} and "
+                         f"{tuple(text.shape)}")
+    n = image.shape[0]
+    if not torch.is_tensor(temps) or temps.shape != (2,):
+        got = f"shape {tuple(temps.shape)}" if torch.is_tensor(temps) else type(temps).__name__
+        raise ValueError(f"temps must be a 1-D tensor [temp, temp2], got {got}")
+    if affiliation and labels is None:
+        raise ValueError("the affiliation loss needs class labels")
+    for what, t in (("labels", labels), ("image_ids", image_ids)):
+        if t is not None and (t.numel() != n or t.dim() > 1 or t.is_floating_point()):
+            raise ValueError(f"{what} must be an integer tensor [N] = [{n}], got {t.dtype} {tuple(t.shape)}")
+    return n

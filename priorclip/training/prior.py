@@ -1,11 +1,14 @@
-"""Training the scene prior: the model's ModifiedResNet (``res_visual``) plus a linear head as a scene classifier.
+"""Training the scene prior of a model as a scene classifier, and loading prior weights into a retrieval model.
 
-PriorCLIP's prior network is meant to carry scene-recognition knowledge (the closed-domain PIR uses a ResNet-50
-fine-tuned for AID's 30 scene classes; spec §1B, §11). No such weights can be downloaded here, so this trains one:
-``res_visual`` exactly as the retrieval model builds it (same config, same key names), its attention-pool output
-(``embed_dim`` wide) feeding ``head`` = Linear(embed_dim, n_classes), with cross-entropy on the class labels of a
-dataset (the JSON ``label`` field, else the file-name prefix). The saved file holds ``res_visual.*`` (and ``head.*``)
-plus the model config, the class list and the accuracies; ``priorclip train --prior-checkpoint`` loads it.
+Both model families carry a CNN prior meant to hold scene-recognition knowledge (spec §1A, §1B, §11): the open-domain
+PriorCLIP's ModifiedResNet ``res_visual`` (attention-pool output, ``embed_dim`` wide) and the closed-domain PIR's
+torchvision-layout ResNet ``conv_encoder`` (its "instruction encoder", ``cfg.prior.out_dim`` wide; the reference
+uses a ResNet-50 fine-tuned for AID's 30 scene classes). ``train-prior`` trains one: the prior exactly as the retrieval
+model builds it (same config, same key names) feeding ``head`` = Linear(width, n_classes), with cross-entropy on the
+class labels of a dataset (the JSON ``label`` field, else the file-name prefix). The saved file holds the prior's
+weights under the target model's keys (``res_visual.*`` or ``conv_encoder.*``) and ``head.*``, plus the model config,
+the class list and the accuracies; ``priorclip train --prior-checkpoint`` loads it with :func:`load_prior_weights`,
+which also takes a torchvision ResNet state dict (the RSP release) for PIR.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from priorclip.config import ModelConfig
-from priorclip.errors import DataError, PriorCLIPError
+from priorclip.checkpoint import read_checkpoint
+from priorclip.config import FAMILY_PIR, AnyConfig
+from priorclip.errors import CheckpointError, DataError, PriorCLIPError
 from priorclip.layers.resnet import ModifiedResNet
+from priorclip.layers.tv_resnet import TorchvisionResNet, torchvision_to_sequential
 from priorclip.training import data as tdata
 from priorclip.cliutils import atomic_write, output_dir, write_json, write_text
 from priorclip.training.common import (
@@ -47,21 +52,98 @@ from priorclip.training.optim import lr_at, make_optimizer, set_lr
 PRIOR_FORMAT = "priorclip-prior/1"
 
 
-class PriorClassifier(nn.Module):
-    """``res_visual`` (the model's ModifiedResNet, output ``embed_dim``) + ``head`` (Linear to the classes)."""
+def prior_key(cfg: AnyConfig) -> str:
+    """The attribute (and state-dict prefix) of the prior in a retrieval model of this config."""
+    return "conv_encoder" if cfg.family == FAMILY_PIR else "res_visual"
 
-    def __init__(self, cfg: ModelConfig, n_classes: int) -> None:
+
+class PriorClassifier(nn.Module):
+    """The config's prior, under the retrieval model's attribute name (:func:`prior_key`), + ``head`` (Linear to the
+    classes). Unlike in PIR, where the prior is frozen, every weight here trains."""
+
+    def __init__(self, cfg: AnyConfig, n_classes: int) -> None:
         super().__init__()
         if cfg.prior is None:
             raise PriorCLIPError(f"model {cfg.name!r} has no prior network to train")
         self.cfg = cfg
-        self.res_visual = ModifiedResNet(
-            cfg.prior.layers, cfg.embed_dim, cfg.prior.heads, image_size=cfg.vision.image_size, width=cfg.prior.width
-        )
-        self.head = nn.Linear(cfg.embed_dim, n_classes)
+        self.key = prior_key(cfg)
+        if cfg.family == FAMILY_PIR:
+            trunk, width = TorchvisionResNet(cfg.prior), cfg.prior.out_dim
+        else:
+            trunk = ModifiedResNet(cfg.prior.layers, cfg.embed_dim, cfg.prior.heads, image_size=cfg.vision.image_size,
+                                   width=cfg.prior.width)
+            width = cfg.embed_dim
+        self.add_module(self.key, trunk)
+        self.head = nn.Linear(width, n_classes)
+
+    @property
+    def trunk(self) -> nn.Module:
+        return getattr(self, self.key)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.res_visual(pixels))
+        return self.head(self.trunk(pixels))
+
+
+_KEYS_SHOWN = 5  # keys named per kind of mismatch in one error line
+
+
+def load_prior_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load the prior of a retrieval model (``model.prior_module``) strictly from ``path``; returns what was loaded.
+
+    Accepted files: a ``priorclip train-prior`` output, or any checkpoint holding the model's prior keys
+    (``res_visual.*`` for PriorCLIP, ``conv_encoder.*`` for PIR; other keys are ignored): source ``"train-prior"``.
+    For PIR also a torchvision ResNet state dict (``conv1.*``, ``bn1.*``, ``layer1-4.*``, maybe wrapped in
+    ``{"model": ...}`` or ``{"state_dict": ...}``, maybe ``module.``-prefixed), such as the RSP release
+    ``aid_28-rsp-resnet-50-ckpt.pth`` that PIR-pytorch initialises its prior from: source ``"torchvision"``, with the
+    classifier's ``fc.*`` dropped and listed. Files are read weights-only (:func:`read_checkpoint`): a file that
+    pickles code (e.g. a training config object saved beside the weights) is refused with a one-line hint to re-save
+    the weights alone. Every prior weight and buffer must be present with the model's shape, nothing extra: otherwise
+    one :class:`CheckpointError` line names the first missing, unexpected and mis-shaped keys.
+
+    Why map the names: PIR-pytorch loads the RSP file with ``strict=False`` into an ``nn.Sequential`` of the ResNet's
+    children, whose keys are indices (``0.weight``, ``4.0.conv1.weight``), while the file has torchvision names
+    (``conv1.weight``, ``layer1.0.conv1.weight``). Unless the authors re-saved the file with Sequential keys, no key
+    matches, nothing is reported, and the official prior stays randomly initialised (the same risk as spec §11.5 for
+    BERT). Here the names are mapped, so the file really loads, and a file that does not fit is an error.
+
+    Returns ``{"path", "source", "module", "dropped", "classes", "metrics"}`` (``classes``/``metrics`` from a
+    train-prior file, else None).
+    """
+    prior = model.prior_module if getattr(model, "has_prior", False) else None
+    if prior is None:
+        raise CheckpointError(f"--prior-checkpoint: model {model.cfg.name!r} has no prior network (res_visual)")
+    key = next(name for name, child in model.named_children() if child is prior)
+    ckpt = read_checkpoint(path)
+    prefix = key + "."
+    sd = {k[len(prefix):]: v for k, v in ckpt.state_dict.items() if k.startswith(prefix)}
+    source, dropped = "train-prior", []
+    if not sd:
+        made_for = f" (it was saved for model {ckpt.config.name!r})" if ckpt.config is not None else ""
+        if not isinstance(prior, TorchvisionResNet):
+            raise CheckpointError(f"{path}: no {prefix}* weights in it{made_for} (is it a prior checkpoint from "
+                                  "train-prior?)")
+        try:
+            sd, dropped = torchvision_to_sequential(ckpt.state_dict)
+        except CheckpointError:
+            first = ", ".join(list(ckpt.state_dict)[:_KEYS_SHOWN])
+            raise CheckpointError(f"{path}: neither {prefix}* weights (a train-prior file for a PIR config) nor a "
+                                  f"torchvision ResNet state dict (conv1.weight, layer1.*, ...){made_for}; its keys "
+                                  f"begin {first}") from None
+        source = "torchvision"
+    expected = prior.state_dict()
+    missing = [prefix + k for k in expected if k not in sd]
+    extra = [prefix + k for k in sd if k not in expected]
+    shapes = [f"{prefix}{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or extra or shapes:
+        bits = [f"{len(x)} {what}: {', '.join(x[:_KEYS_SHOWN])}"
+                for x, what in ((missing, "missing"), (extra, "unexpected"), (shapes, "shape mismatches")) if x]
+        legend = f" ({key}.0 is conv1, .1 bn1, .4-.7 layer1-layer4)" if source == "torchvision" else ""
+        what = "torchvision ResNet weights" if source == "torchvision" else "prior weights"
+        raise CheckpointError(f"{path}: {what} do not fit model {model.cfg.name!r}: " + "; ".join(bits) + legend)
+    prior.load_state_dict(sd)
+    return {"path": str(path), "source": source, "module": key, "dropped": dropped,
+            "classes": ckpt.extra.get("classes"), "metrics": ckpt.extra.get("metrics")}
 
 
 @dataclass
@@ -204,7 +286,7 @@ def _train_prior(cfg: PriorTrainConfig, out: Path, d, t_start: float) -> dict[st
     total = steps_per_epoch * cfg.epochs
     log = MetricsLog(out, True, False)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    print(f"[train-prior] {cfg.model} res_visual on {device_name(d.device)}: {len(train_ds)} images, {len(classes)} "
+    print(f"[train-prior] {cfg.model} {model.key} on {device_name(d.device)}: {len(train_ds)} images, {len(classes)} "
           f"classes, {steps_per_epoch} steps/epoch x {cfg.epochs}", file=sys.stderr)
     step, samples, train_s, history, stopped = 0, 0, 0.0, [], None
     with StopFlag() as flag:
@@ -273,7 +355,7 @@ def _train_prior(cfg: PriorTrainConfig, out: Path, d, t_start: float) -> dict[st
         torch.save({"state_dict": sd, "config": mcfg.to_dict(), "format": PRIOR_FORMAT, "classes": classes,
                     "metrics": metrics}, tmp)
     write_json(out / "prior_summary.json", summary)
-    print("[train-prior] " + ", ".join(f"{k} {v:.2f}%" for k, v in metrics.items()) + f"; wrote {out / 'prior.pt'}",
-          file=sys.stderr)
+    scores = ", ".join(f"{k} {v:.2f}%" for k, v in metrics.items())
+    print(f"[train-prior] {scores + '; ' if scores else ''}wrote {out / 'prior.pt'}", file=sys.stderr)
     log.close()
     return summary

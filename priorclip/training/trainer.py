@@ -41,6 +41,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from priorclip.checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from priorclip.config import FAMILY_PIR, FAMILY_PRIORCLIP, AnyConfig
+from priorclip.preprocess import preprocess_for
 from priorclip.errors import CheckpointError, DataError, PriorCLIPError
 from priorclip.training import data as tdata
 from priorclip.training.common import (
@@ -57,8 +59,17 @@ from priorclip.training.common import (
     setup_distributed,
     stop_signals_blocked,
 )
-from priorclip.training.loss import ClipAffLoss, affiliation_labels
-from priorclip.training.optim import clamp_logit_scale, lr_at, make_optimizer, set_lr
+from priorclip.training.loss import ClipAffLoss, PIRLoss, affiliation_labels
+from priorclip.training.prior import load_prior_weights
+from priorclip.training.optim import (
+    clamp_logit_scale,
+    lr_at,
+    make_optimizer,
+    no_weight_decay,
+    pir_no_weight_decay,
+    pir_warmup_steps,
+    set_lr,
+)
 
 STATE_FORMAT = "priorclip-train-state/1"
 
@@ -85,13 +96,14 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64  # per process and micro-batch
     accum_freq: int = 1
-    lr: float = 5e-4
-    wd: float = 0.2
+    # None: the model family's reference recipe (RECIPES), resolved by the Trainer and recorded as resolved
+    lr: float | None = None
+    wd: float | None = None
     beta1: float = 0.9
-    beta2: float = 0.999
+    beta2: float | None = None
     eps: float = 1e-8
-    warmup: int = 100
-    schedule: str = "cosine"
+    warmup: int | None = None
+    schedule: str | None = None
     grad_clip: float | None = None
     precision: str = "fp32"
     grad_checkpointing: bool = False
@@ -118,6 +130,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The two families' reference recipes (spec §5A, §5B): what an option left unset takes. PIR warms up over the first 10%
+# of the run's steps (warmup None here), then decays linearly to 0 (HF's schedule), with AdamW betas (0.9, 0.98).
+RECIPES = {
+    FAMILY_PRIORCLIP: {"lr": 5e-4, "wd": 0.2, "beta2": 0.999, "warmup": 100, "schedule": "cosine"},
+    FAMILY_PIR: {"lr": 6e-5, "wd": 0.01, "beta2": 0.98, "warmup": None, "schedule": "hf_linear"},
+}
+
+
+def resolve_recipe(cfg: TrainConfig, family: str, total_steps: int | None = None) -> TrainConfig:
+    """``cfg`` with every unset optimiser setting taken from the family's recipe; a warm-up that is a fraction of the
+    run (PIR's) stays unset until ``total_steps`` is known."""
+    recipe = dict(RECIPES[family])
+    if recipe["warmup"] is None and total_steps is not None:
+        recipe["warmup"] = pir_warmup_steps(total_steps)
+    return dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) is None and v is not None})
+
+
 CACHE_AUTO_LIMIT = 200_000  # images: decode into memory below this (~6 GB at 150 px, ~30 GB at 224 px)
 
 
@@ -140,8 +169,11 @@ def _relative(path: Path, root: Path) -> str:
 class TrainData:
     """The training stream for one process: a cached/decoded map-style dataset or a webdataset stream."""
 
-    def __init__(self, cfg: TrainConfig, image_size: int, context_length: int, d, out: Path) -> None:
+    def __init__(self, cfg: TrainConfig, model_cfg: AnyConfig, d, out: Path) -> None:
         self.cfg, self.d = cfg, d
+        image_size, context_length = model_cfg.vision.image_size, model_cfg.text.context_length
+        self.tokenizer = preprocess_for(model_cfg).tokenizer
+        self.randaugment = model_cfg.family == FAMILY_PIR  # PIR-pytorch's augmentation adds RandAugment(2, 7)
         kind = tdata.detect_type(cfg.data) if cfg.data_type == "auto" else cfg.data_type
         self.kind = kind
         self.skipped_at_load: list[tuple[str, str]] = []
@@ -165,6 +197,7 @@ class TrainData:
                 src = tdata.load_csv_pairs(cfg.data, cfg.images)
             else:
                 raise DataError(f"unknown data type {kind!r}; choose one of {', '.join(tdata.DATA_TYPES)}")
+            src, self.empty_captions = tdata.drop_untokenizable(src, self.tokenizer)
             use_cache = cfg.cache == "yes" or (cfg.cache == "auto" and len(src.images) <= CACHE_AUTO_LIMIT)
             cache = None
             if use_cache:
@@ -177,8 +210,9 @@ class TrainData:
                         f"(e.g. {self.skipped_at_load[0][0]}: {self.skipped_at_load[0][1]}); check --images"
                     )
                 self.cache_seconds = time.perf_counter() - t0
-            tokens = tdata.tokenize_captions(src.captions, context_length)
-            self.dataset = tdata.PairDataset(src, image_size, tokens, cache, augment=True, seed=cfg.seed)
+            tokens = tdata.tokenize_captions(src.captions, context_length, self.tokenizer)
+            self.dataset = tdata.PairDataset(src, image_size, tokens, cache, augment=True, seed=cfg.seed,
+                                             randaugment=self.randaugment)
             self.n_samples = len(self.dataset)
             self.steps_per_epoch = self.n_samples // global_batch
             root = Path(cfg.images) if cfg.images else Path(cfg.data).parent
@@ -189,6 +223,7 @@ class TrainData:
             self.description = (
                 f"{src.description}: {len(src.images)} images, {len(src.captions)} pairs"
                 + (f", {len(self.skipped_at_load)} unreadable images skipped" if self.skipped_at_load else "")
+                + (f", {self.empty_captions} captions empty after cleaning left out" if self.empty_captions else "")
                 + (" (decoded once into memory)" if cache is not None else "")
             )
         if self.steps_per_epoch < 1:
@@ -205,7 +240,8 @@ class TrainData:
         cfg, d = self.cfg, self.d
         if self.kind == "wds":
             ds = tdata.WebDatasetStream(self.shards, self.image_size, cfg.seed, d.rank, d.world, epoch,
-                                        context_length=self.context_length)
+                                        context_length=self.context_length, tokenizer=self.tokenizer,
+                                        randaugment=self.randaugment)
             with stop_signals_blocked():  # iter() forks the workers
                 it = iter(tdata.wds_loader(ds, cfg.batch_size, cfg.workers, self.pin, self._worker_init))
             for _ in range(start_step * cfg.accum_freq):  # a resumed epoch replays the stream up to where it stopped
@@ -242,25 +278,6 @@ def preserved_bn_stats(model: nn.Module):
             m.num_batches_tracked.copy_(n)
 
 
-def load_prior_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Load ``res_visual.*`` from a prior checkpoint (``priorclip train-prior``) strictly; other keys are ignored."""
-    if not getattr(model, "has_prior", False):
-        raise CheckpointError(f"--prior-checkpoint: model {model.cfg.name!r} has no prior network (res_visual)")
-    ckpt = read_checkpoint(path)
-    sd = {k: v for k, v in ckpt.state_dict.items() if k.startswith("res_visual.")}
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith("res_visual.")}
-    missing = [k for k in expected if k not in sd]
-    extra = [k for k in sd if k not in expected]
-    shapes = [f"{k} {list(sd[k].shape)} vs {list(v.shape)}" for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if not sd:
-        raise CheckpointError(f"{path}: no res_visual.* weights in it (is it a prior checkpoint from train-prior?)")
-    if missing or extra or shapes:
-        bits = [f"{len(x)} {what}: {', '.join(x[:5])}" for x, what in ((missing, "missing"), (extra, "unexpected"), (shapes, "shape mismatches")) if x]
-        raise CheckpointError(f"{path}: prior weights do not fit model {model.cfg.name!r}: " + "; ".join(bits))
-    model.load_state_dict(sd, strict=False)
-    return {"path": str(path), "classes": ckpt.extra.get("classes"), "metrics": ckpt.extra.get("metrics")}
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         from priorclip.registry import create_model
@@ -280,15 +297,15 @@ class Trainer:
         if self.d.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the prior's conv algorithms
         self.model = create_model(cfg.model, checkpoint=cfg.init_checkpoint)
+        self.family = self.model.cfg.family
+        self.cfg = cfg = resolve_recipe(cfg, self.family)
         self.prior_info = load_prior_weights(self.model, cfg.prior_checkpoint) if cfg.prior_checkpoint else None
         if cfg.lock_prior:
-            if not self.model.has_prior:
+            if self.model.prior_module is None:
                 raise PriorCLIPError(f"--lock-prior: model {cfg.model!r} has no prior")
-            for p in self.model.res_visual.parameters():
-                p.requires_grad_(False)
+            self.model.prior_module.requires_grad_(False)
         if cfg.lock_text:
-            text_modules = (self.model.token_embedding, self.model.transformer, self.model.ln_final)
-            for p in [p for m in text_modules for p in m.parameters()] + [self.model.positional_embedding, self.model.text_projection]:
+            for p in self._text_parameters():
                 p.requires_grad_(False)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -299,8 +316,10 @@ class Trainer:
         if self.d.enabled:
             ids = [self.d.device.index] if self.d.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.loss_fn = ClipAffLoss(affiliation=cfg.affiliation)
-        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps)
+        pir = self.family == FAMILY_PIR
+        self.loss_fn = PIRLoss(affiliation=cfg.affiliation) if pir else ClipAffLoss(affiliation=cfg.affiliation)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.wd, (cfg.beta1, cfg.beta2), cfg.eps,
+                                        no_decay=pir_no_weight_decay if pir else no_weight_decay)
         self.scaler = torch.amp.GradScaler(self.d.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self.history: list[dict[str, float]] = []  # per-step losses (tests compare resumed curves with these)
@@ -336,7 +355,21 @@ class Trainer:
 
     def _lock_prior_bn(self) -> None:
         if self.cfg.lock_prior:
-            self.model.res_visual.eval()
+            self.model.prior_module.eval()
+
+    def _temperatures(self) -> dict[str, float]:
+        """What scales the logits: CLIP's exp(logit_scale), or PIR's two temperatures (logits are divided by them)."""
+        if self.family == FAMILY_PIR:
+            return {"temp": float(self.model.temp.detach()), "temp2": float(self.model.temp2.detach())}
+        return {"logit_scale": float(self.model.logit_scale.detach().exp())}
+
+    def _text_parameters(self) -> list[nn.Parameter]:
+        """The text tower: PIR's BERT and its projection (LCA stays trainable), or CLIP's whole text transformer."""
+        m = self.model
+        if self.family == FAMILY_PIR:
+            return [*m.text_encoder.parameters(), *m.text_proj.parameters()]
+        modules = (m.token_embedding, m.transformer, m.ln_final)
+        return [p for mod in modules for p in mod.parameters()] + [m.positional_embedding, m.text_projection]
 
     def save(self, path: Path, epoch: int, step_in_epoch: int, with_state: bool = True) -> None:
         if not self.d.is_main:
@@ -471,7 +504,10 @@ class Trainer:
     def _embed(self, micro: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.d.device
         pixels = tdata.normalize_on_device(micro["pixels"].to(dev, non_blocking=True))
-        tokens = micro["tokens"].to(dev, non_blocking=True)
+        tokens = micro["tokens"]
+        if self.family == FAMILY_PIR:  # padded to this batch's longest caption, as the reference trains
+            tokens = tdata.trim_padding(tokens)
+        tokens = tokens.to(dev, non_blocking=True)
         with autocast(dev, self.cfg.precision):
             return self.ddp(pixels, tokens)
 
@@ -488,9 +524,12 @@ class Trainer:
                 raise DataError(f"every image of a batch failed to decode, e.g. {m['skipped'][0][0]}: {m['skipped'][0][1]}")
         names = [n for m in micros for n in m["names"]]
         labels = affiliation_labels(names, self.d.device)
+        # PIR's contrastive targets: every pair of the same image is a positive (ids are global, gathered by the loss)
+        ids = {"image_ids": torch.cat([m["image_ids"] for m in micros]).to(self.d.device)} \
+            if self.family == FAMILY_PIR else {}
         if len(micros) == 1:
             img, txt, scale = self._embed(micros[0])
-            losses = self.loss_fn(img, txt, scale, labels)
+            losses = self.loss_fn(img, txt, scale, labels, **ids)
             self.scaler.scale(sum(losses.values())).backward()
         else:
             with torch.no_grad(), preserved_bn_stats(self.model):
@@ -504,7 +543,7 @@ class Trainer:
                         scale = scale.detach()
                     imgs = [img_j if k == j else c[0] for k, c in enumerate(cached)]
                     txts = [txt_j if k == j else c[1] for k, c in enumerate(cached)]
-                    losses = self.loss_fn(torch.cat(imgs), torch.cat(txts), scale, labels)
+                    losses = self.loss_fn(torch.cat(imgs), torch.cat(txts), scale, labels, **ids)
                     self.scaler.scale(sum(losses.values())).backward()
         out = {k: float(v.detach()) for k, v in losses.items()}
         out["loss"] = sum(out.values())
@@ -517,7 +556,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale(self.model)
+        if self.family != FAMILY_PIR:  # PIR's temperatures are unclamped (spec §1B)
+            clamp_logit_scale(self.model)
 
     # ------------------------------------------------------------------ validation
     def _val_set(self, split: str | None, limit: int | None = None):
@@ -527,10 +567,11 @@ class Trainer:
         json_path = cfg.val_data or (cfg.data if tdata.detect_type(cfg.data) == "karpathy" and cfg.data_type in ("auto", "karpathy") else None)
         if json_path is None:
             return None
-        from priorclip.data import load_karpathy
+        from priorclip.data import PROTOCOL_PIR, PROTOCOL_PRIORCLIP, load_retrieval_set
 
+        protocol = PROTOCOL_PIR if self.family == FAMILY_PIR else PROTOCOL_PRIORCLIP
         try:
-            ds = load_karpathy(json_path, cfg.val_images or cfg.images, split)
+            ds = load_retrieval_set(json_path, cfg.val_images or cfg.images, split, protocol)
         except DataError as e:
             if "no images in split" in str(e):
                 return None
@@ -555,11 +596,12 @@ class Trainer:
         t_start = time.perf_counter()
         # the checkpoint's own checks run before the (possibly long) decoding of the data; the data's after it
         resume = self.read_resume_state(self.resume_path) if self.resume_path is not None else None
-        data = TrainData(cfg, self.model.cfg.vision.image_size, self.model.cfg.text.context_length, d, self.out)
+        data = TrainData(cfg, self.model.cfg, d, self.out)
         self.data_identity = data.identity
         total = cfg.epochs * data.steps_per_epoch
         if cfg.max_steps is not None:  # a step budget: equal for runs compared at the same cost
             total = min(total, cfg.max_steps)
+        self.cfg = cfg = resolve_recipe(cfg, self.family, total)  # PIR's warm-up: 10% of the run
         start_epoch, start_in_epoch = 0, 0
         if resume is not None:
             start_epoch, start_in_epoch = self.load_state(self.resume_path, data, resume)
@@ -619,7 +661,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{losses['loss']:.3f}")
                     if self.step % cfg.log_every == 0 or self.step == 1:
                         log.write("train", self.step, epoch=epoch, lr=self.optimizer.param_groups[0]["lr"],
-                                  logit_scale=float(self.model.logit_scale.detach().exp()), samples_per_s=n / max(t2 - t0, 1e-9),
+                                  **self._temperatures(), samples_per_s=n / max(t2 - t0, 1e-9),
                                   data_wait_s=t1 - t0, skipped=skipped_stream, **losses)
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save(self.ckpt_dir / "latest.pt", epoch, k + 1)

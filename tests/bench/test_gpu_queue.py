@@ -451,6 +451,9 @@ def test_calls_checks_sizes_and_staging(tmp_path, monkeypatch, capsys):
     assert plan[0]["command"] == "mkdir -p /tmp/dparts && cp .dtrain1/part.* /tmp/dparts/ && ls -l /tmp/dparts"
     assert plan[-1]["command"] == "PRIORCLIP_GIT_REVISION=abc123 bash benchmarks/gpu/q2-train.sh"
     assert plan[-1]["timeout_s"] == 540 and set(plan[-1]) == {"carry", "command", "timeout_s"}  # ready for run
+    pir = calls.plan("5", "abc123")  # entry 5 trains PIR on the same staged parts
+    assert pir[:-1] == plan[:-1] and pir[-1] == {**plan[-1], "command": "PRIORCLIP_GIT_REVISION=abc123 bash "
+                                                                        "benchmarks/gpu/q5-pir.sh"}
     errors, sizes = calls.check(plan)
     assert any("call 2 would send 65.0 MiB" in e for e in errors)  # 62 + the 3 MiB tree: over 64
     assert any("no ftfy wheel" in e for e in errors) and any(".whl, which does not exist" in e for e in errors)

@@ -303,11 +303,11 @@ def test_bench_image_decode_paths(tmp_path, big_jpeg):
     (tmp_path / "big.jpg").write_bytes(big_jpeg)
     want = EvalTransform(112).load(big_jpeg)
     assert torch.equal(_decode(EvalTransform(112), big_jpeg), want)
-    assert torch.equal(next(iter_image_batches([tmp_path / "big.jpg"], 112, 1, workers=1))[0], want)
+    assert torch.equal(next(iter_image_batches([tmp_path / "big.jpg"], EvalTransform(112), 1, workers=1))[0], want)
 
     with pytest.raises(DataError, match=r"<bytes> declares 900,000,000 pixels"):
         _decode(EvalTransform(64), bomb_png())
     Image.new("RGB", (70, 70), RED).save(tmp_path / "a.jpg")
     (tmp_path / "bomb.png").write_bytes(bomb_png())
     with pytest.raises(DataError, match=r"bomb\.png declares 900,000,000 pixels"):  # what bench --dataset embeds with
-        list(iter_image_batches([tmp_path / "a.jpg", tmp_path / "bomb.png"], 64, 2, workers=2))
+        list(iter_image_batches([tmp_path / "a.jpg", tmp_path / "bomb.png"], EvalTransform(64), 2, workers=2))

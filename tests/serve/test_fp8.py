@@ -25,6 +25,7 @@ from priorclip.serve.fp8 import E4M3, Fp8Config, Fp8Conv1x1, Fp8Linear, shape_un
 from priorclip.serve.fused import FoldedConv, FusedEncoder, Linear
 from priorclip.synthetic import make_sample
 from priorclip.tokenizer import tokenize
+from priorclip.transforms import EvalTransform
 
 E4M3_MAX = 448.0
 
@@ -143,7 +144,7 @@ def calib(tmp_path_factory):
 def pixels(tmp_path_factory):
     """Held-out images (another seed), preprocessed as the engines see them."""
     json_path, img_dir = make_sample(tmp_path_factory.mktemp("fp8-eval"), n_images=10, size=64, seed=1)
-    return next(iter_image_batches(load_karpathy(json_path, img_dir, "test").images, 64, 16))
+    return next(iter_image_batches(load_karpathy(json_path, img_dir, "test").images, EvalTransform(64), 16))
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,7 @@ def test_calibration_records_each_gemms_own_input(tiny, enc, calib):
     bf16.vis_blocks[1].q = spy("vit.1.q", bf16.vis_blocks[1].q)
     bf16.vis_blocks[0].proj = spy("vit.0.proj", bf16.vis_blocks[0].proj)
     bf16.prior.blocks[1].down = spy("prior.layer2.0.down", bf16.prior.blocks[1].down)
-    for px in iter_image_batches(calib.images, 64, 5):
+    for px in iter_image_batches(calib.images, EvalTransform(64), 5):
         bf16.encode_images(px)
     amax = {x["name"]: x["amax"] for x in enc.fp8["layers"]}
     for name, want in seen.items():

@@ -67,8 +67,8 @@ def test_accumulation_gives_the_big_batch_gradient(tiny_data, tmp_path, model):
     for t in (big, acc):
         if t.model.has_prior:  # BatchNorm batch statistics differ between 4 and 8 samples by construction
             t.model.res_visual.eval()
-    data_big = TrainData(big.cfg, big.model.image_size, 77, big.d, big.out)
-    data_acc = TrainData(acc.cfg, acc.model.image_size, 77, acc.d, acc.out)
+    data_big = TrainData(big.cfg, big.model.cfg, big.d, big.out)
+    data_acc = TrainData(acc.cfg, acc.model.cfg, acc.d, acc.out)
     b = next(data_big.loader(0, 0))
     it = data_acc.loader(0, 0)
     micros = [next(it), next(it)]
@@ -87,7 +87,7 @@ def test_accumulation_gives_the_big_batch_gradient(tiny_data, tmp_path, model):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_step(tiny_data, tmp_path, precision):
     t = Trainer(_cfg(tiny_data, tmp_path, model="clip-tiny", precision=precision))
-    data = TrainData(t.cfg, t.model.image_size, 77, t.d, t.out)
+    data = TrainData(t.cfg, t.model.cfg, t.d, t.out)
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
     losses = t.train_step([next(data.loader(0, 0))])
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
@@ -313,7 +313,7 @@ def test_uncached_corrupt_images_are_dropped_from_batches_and_listed(tiny_data, 
 def test_lock_text_freezes_the_text_tower(tiny_data, tmp_path):
     t = Trainer(_cfg(tiny_data, tmp_path, model="clip-tiny", lock_text=True))
     before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
-    data = TrainData(t.cfg, t.model.image_size, 77, t.d, t.out)
+    data = TrainData(t.cfg, t.model.cfg, t.d, t.out)
     t.train_step([next(data.loader(0, 0))])
     for n, p in t.model.named_parameters():
         text = n.startswith(("token_embedding", "positional_embedding", "transformer.", "ln_final", "text_projection"))

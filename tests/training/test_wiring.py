@@ -27,7 +27,7 @@ def _cfg(tiny_data, tmp_path, **kw):
 
 def _trainer_and_data(tiny_data, tmp_path, **kw):
     t = Trainer(_cfg(tiny_data, tmp_path, **kw))
-    return t, TrainData(t.cfg, t.model.image_size, t.model.cfg.text.context_length, t.d, t.out)
+    return t, TrainData(t.cfg, t.model.cfg, t.d, t.out)
 
 
 def _ce_diag(logits: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def test_loader_shuffles_differently_each_epoch_and_reproducibly(tiny_data, tmp_
         assert idx != sorted(idx)  # shuffled
     assert [k[1] for k in e0] != [k[1] for k in e1]  # a new order each epoch
     assert e1 == e1_again  # and the same order when the epoch is replayed (resume)
-    other_seed = TrainData(_cfg(tiny_data, tmp_path / "s", seed=1), t.model.image_size, 77, t.d, t.out)
+    other_seed = TrainData(_cfg(tiny_data, tmp_path / "s", seed=1), t.model.cfg, t.d, t.out)
     other_seed.dataset = rec
     rec.keys = []
     for _ in other_seed.loader(1, 0):
