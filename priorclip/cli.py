@@ -166,6 +166,7 @@ def embed(model_name, checkpoint, gate, images, captions, out, batch_size, skip_
     else:
         caps = read_captions(captions)
         enc = _encoder(model_name, checkpoint, gate, device, precision)
+        _check_cleanable(enc.config, caps, captions)
         emb = embed_texts(enc, caps, batch_size)
         index = [{"row": i, "caption": c} for i, c in enumerate(caps)]
     write_npy(out, emb.numpy().astype(np.float32))
@@ -178,6 +179,21 @@ def embed(model_name, checkpoint, gate, images, captions, out, batch_size, skip_
                    f"{_count(n_not_images, 'other file')}), one per line with the reason", err=True)
     elif skipped_path.exists():  # this output's list from an earlier run would now describe nothing
         skipped_path.unlink()
+
+
+def _check_cleanable(cfg, caps: list[str], source: Path) -> None:
+    """PIR's cleaning refuses a caption with no words left: name the first before any is embedded, not at its chunk."""
+    from priorclip.config import FAMILY_PIR
+
+    if cfg.family != FAMILY_PIR:
+        return
+    from priorclip.wordpiece import pre_caption
+
+    for i, c in enumerate(caps, 1):
+        try:
+            pre_caption(c)
+        except DataError as e:
+            raise DataError(f"{source}: caption {i} of {len(caps)}: {e}") from None
 
 
 def _count(n: int, noun: str) -> str:

@@ -160,6 +160,13 @@ def test_embed_captions_cli_equals_chunked_model(tmp_path):
     assert np.abs(np.load(tmp_path / "c.npy") - want).max() < 1e-6
 
 
+def test_embed_names_a_caption_left_empty_by_cleaning(tmp_path):
+    (tmp_path / "c.txt").write_text("a river\nsome farmland\n?!...\n")
+    r = run("embed", "--model", TINY, "--captions", tmp_path / "c.txt", "--out", tmp_path / "c.npy", "--device", "cpu")
+    user_error(r, "caption 3 of 3: caption '?!...' is empty after cleaning")
+    assert not (tmp_path / "c.npy").exists()
+
+
 def test_family_options_are_refused_for_the_other_family(sample, tmp_path):
     json_path, img_dir = sample
     user_error(run("eval", "--model", TINY, "--gate", "2belief", "--dataset", json_path, "--images", img_dir),
