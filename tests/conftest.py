@@ -51,6 +51,10 @@ def load_open_clip():
     pkg = types.ModuleType("open_clip")
     pkg.__path__ = list(spec.submodule_search_locations)
     sys.modules["open_clip"] = pkg
+    # open_clip.model imports transformers, which asks importlib whether torchvision exists: let it ask before the
+    # stand-in below is registered (a module without a spec makes that question raise), whatever ran first
+    if importlib.util.find_spec("transformers") is not None:
+        import transformers  # noqa: F401
     try:
         import torchvision.ops.misc  # noqa: F401  (present on GPU machines)
     except Exception:
