@@ -47,6 +47,7 @@ from priorclip.config import FAMILY_PIR, FAMILY_PRIORCLIP, AnyConfig
 from priorclip.profile import _count
 from priorclip.serve.engines import Engine
 from priorclip.transforms import EvalTransform
+from priorclip.wordpiece import CLS_ID, trim_padding
 
 TOWERS = ("image", "text")
 
@@ -262,7 +263,7 @@ def gflop_per_item(cfg: AnyConfig, tower: str, text_length: int | None = None) -
     return flops / 1e9
 
 
-PIR_CLS, PIR_FIRST_WORD_PIECE = 101, 1000  # BERT's [CLS]; ids below 1000 are [PAD], [unused*], [UNK], [SEP], ...
+PIR_FIRST_WORD_PIECE = 1000  # ids below 1000 are [PAD], [unused*], [UNK], [CLS], [SEP], ...
 
 
 def make_token_batch(batch: int, length: int, context_length: int, vocab_size: int, seed: int,
@@ -273,7 +274,7 @@ def make_token_batch(batch: int, length: int, context_length: int, vocab_size: i
     g = torch.Generator().manual_seed(seed)
     if family == FAMILY_PIR:
         tokens = torch.randint(PIR_FIRST_WORD_PIECE, vocab_size, (batch, length), generator=g)
-        tokens[:, 0] = PIR_CLS
+        tokens[:, 0] = CLS_ID
         ends = torch.randint(min(2, length), length + 1, (batch,), generator=g)
         ends[0] = length
         return tokens.masked_fill(torch.arange(length) >= ends[:, None], 0)
@@ -294,14 +295,7 @@ def caption_batch(caption_tokens: torch.Tensor, batch: int, seed: int, family: s
     n = caption_tokens.shape[0]
     idx = torch.randperm(n, generator=g)[:batch] if batch <= n else torch.randint(0, n, (batch,), generator=g)
     rows = caption_tokens[idx]
-    return strip_padding(rows) if family == FAMILY_PIR else rows
-
-
-def strip_padding(tokens: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """[B, L] ids without their trailing all-[PAD] columns (at least one column kept)."""
-    used = (tokens != pad_id).any(dim=0).nonzero()
-    width = int(used.max()) + 1 if used.numel() else 1
-    return tokens[:, :width]
+    return trim_padding(rows) if family == FAMILY_PIR else rows
 
 
 def tokens_run(pool: Sequence[torch.Tensor], family: str = FAMILY_PRIORCLIP) -> int:
@@ -450,11 +444,9 @@ def _decode(transform: EvalTransform, data: bytes) -> torch.Tensor:
     return transform.load(data)  # the product's read path: pixel limit, JPEG draft decode, one DataError line
 
 
-def decode_rate(jpegs: Sequence[bytes], transform: EvalTransform | int, workers: int) -> float:
+def decode_rate(jpegs: Sequence[bytes], transform: EvalTransform, workers: int) -> float:
     """Images/s of decode + eval transform alone (the CPU ceiling of the end-to-end rate); ``transform``: the model's
-    (:func:`priorclip.preprocess.preprocess_for`), or an image size for the open-domain crop transform."""
-    if isinstance(transform, int):
-        transform = EvalTransform(transform)
+    (:func:`priorclip.preprocess.preprocess_for`)."""
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda b: _decode(transform, b), jpegs[: min(len(jpegs), 4 * workers)]))  # warm
         t0 = time.perf_counter()

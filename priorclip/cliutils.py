@@ -125,34 +125,22 @@ def model_options(fn: Callable) -> Callable:
 RANDOM_INIT_SEED = 0
 
 
-def _config_of(model_name: str | None, checkpoint: Path | None):
-    """The config a model name or checkpoint builds, without building it."""
-    from priorclip.checkpoint import read_checkpoint
-    from priorclip.registry import DEFAULT_MODEL, DEFAULT_PIR_MODEL, get_config, is_pir_state_dict
-
-    if model_name:
-        return get_config(model_name)
-    if checkpoint is None:
-        return get_config(DEFAULT_MODEL)
-    ckpt = read_checkpoint(checkpoint)
-    return ckpt.config or get_config(DEFAULT_PIR_MODEL if is_pir_state_dict(ckpt.state_dict) else DEFAULT_MODEL)
-
-
 def build_model(model_name: str | None, checkpoint: Path | None, gate: str | None):
     """The model a CLI works on; without a checkpoint its random weights come from a fixed seed, so runs repeat."""
     import torch
 
-    from priorclip.registry import create_model
-
+    from priorclip.checkpoint import read_checkpoint
     from priorclip.config import FAMILY_PIR
+    from priorclip.registry import create_model, model_config
 
+    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None  # read once, for the check and the load
     ctx = click.get_current_context(silent=True)
     mask_padding = bool(ctx and ctx.meta.get(MASK_PADDING_KEY))
     overrides = {"gate": gate} if gate else {}
     if mask_padding:
         overrides["mask_padding"] = True
     if overrides:  # each option belongs to one family: refuse it for the other in one line, not a TypeError
-        cfg = _config_of(model_name, checkpoint)
+        cfg = model_config(model_name, ckpt)
         wrong = "--gate" if gate and cfg.family == FAMILY_PIR else "--mask-padding" if mask_padding and \
             cfg.family != FAMILY_PIR else None
         if wrong:
@@ -161,7 +149,7 @@ def build_model(model_name: str | None, checkpoint: Path | None, gate: str | Non
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             return create_model(model_name, **overrides)
-    return create_model(model_name, checkpoint=checkpoint, **overrides)
+    return create_model(model_name, checkpoint=ckpt, **overrides)
 
 
 # Output files. A long run must not find out at its end that it cannot write its result, and a run stopped while

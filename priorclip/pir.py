@@ -24,9 +24,8 @@ from priorclip.layers.bert import BertEncoder
 from priorclip.layers.pae import MHSA, CroSA, descending_order
 from priorclip.layers.swin import SwinTransformer
 from priorclip.layers.tv_resnet import TorchvisionResNet
+from priorclip.wordpiece import PAD_ID
 
-PAD_ID = 0  # BERT's [PAD]
-TEXT_BATCH = 128  # the reference evaluates captions in chunks of 128 (batch_size_test_text), each padded to its longest
 
 
 class PIR(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from priorclip.config import (FAMILY_PIR, BertConfig, ModelConfig, PIRConfig, PriorConfig, ResNetConfig, SwinConfig, TextConfig,
@@ -55,31 +54,36 @@ def pir_settings(reference: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def create_model(name: str | None = None, checkpoint: str | Path | None = None, **overrides: Any):
+def model_config(name: str | None = None, ckpt=None, **overrides: Any) -> ModelConfig | PIRConfig:
+    """The config :func:`create_model` builds for ``name`` and a read :class:`~priorclip.checkpoint.Checkpoint`."""
+    if name is None and ckpt is not None and ckpt.config is not None:
+        return ckpt.config.replace(**overrides) if overrides else ckpt.config
+    if name is None and ckpt is not None and is_pir_state_dict(ckpt.state_dict):
+        ref = ckpt.extra.get("reference_config")
+        return get_config(DEFAULT_PIR_MODEL, **{**pir_settings(ref if isinstance(ref, dict) else {}), **overrides})
+    return get_config(name or DEFAULT_MODEL, **overrides)
+
+
+def create_model(name: str | None = None, checkpoint=None, **overrides: Any):
     """Build a model by name, or from a checkpoint that embeds its config, and load the checkpoint's weights strictly.
 
     Args:
         name: a registered config name; defaults to the checkpoint's embedded config, else ``pir-swin-t-bert`` for
             PIR-pytorch's layout (with the settings its ``config`` entry records), else ``priorclip-vit-b32`` (the
             layout of the official ``PriorCLIP_RET-3.pt``, which carries no config).
-        checkpoint: ``.pt``/``.pth``/``.bin`` (read with ``weights_only=True``) or ``.safetensors``.
+        checkpoint: ``.pt``/``.pth``/``.bin`` (read with ``weights_only=True``) or ``.safetensors``, or a
+            :class:`~priorclip.checkpoint.Checkpoint` already read.
         overrides: config fields to replace, e.g. ``gate="2belief"``.
 
     Returns:
         A :class:`~priorclip.model.PriorCLIP` or :class:`~priorclip.pir.PIR` in eval mode.
     """
-    from priorclip.checkpoint import load_checkpoint, read_checkpoint
+    from priorclip.checkpoint import Checkpoint, load_checkpoint, read_checkpoint
     from priorclip.model import PriorCLIP
     from priorclip.pir import PIR
 
-    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
-    if name is None and ckpt is not None and ckpt.config is not None:
-        cfg = ckpt.config.replace(**overrides) if overrides else ckpt.config
-    elif name is None and ckpt is not None and is_pir_state_dict(ckpt.state_dict):
-        ref = ckpt.extra.get("reference_config")
-        cfg = get_config(DEFAULT_PIR_MODEL, **{**pir_settings(ref if isinstance(ref, dict) else {}), **overrides})
-    else:
-        cfg = get_config(name or DEFAULT_MODEL, **overrides)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) or checkpoint is None else read_checkpoint(checkpoint)
+    cfg = model_config(name, ckpt, **overrides)
     model = (PIR if cfg.family == FAMILY_PIR else PriorCLIP)(cfg)
     if ckpt is not None:
         load_checkpoint(model, ckpt)

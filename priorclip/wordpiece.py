@@ -205,6 +205,14 @@ class PIRTokenizer:
         return torch.tensor(padded, dtype=torch.long).reshape(len(rows), width)  # reshape: [] -> [0, 1]
 
 
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids cut to the longest row, as this tokenizer pads a batch of just those captions (word pieces are never
+    [PAD]=0; at least one column is kept). PIR attends to padding, so the width is part of its input."""
+    if not tokens.numel():
+        return tokens
+    return tokens[:, : max(int((tokens != PAD_ID).sum(1).max()), 1)]
+
+
 def pir_tokenizer(context_length: int = 47) -> PIRTokenizer:
     """The shared PIR tokenizer for a context length (with caption cleaning, as the reference)."""
     return _shared_tokenizer(context_length)  # one cache key however it is called: pir_tokenizer() is pir_tokenizer(47)

@@ -1,4 +1,4 @@
-# Shared by the GPU queue entries (q1-speed.sh, q2-train.sh, q3-ort-cuda.sh); source it, do not run it.
+# Shared by the GPU queue entries (q1-speed.sh ... q5-pir.sh); source it, do not run it.
 #
 # What it gives an entry:
 #   q_init ENTRY             a deadline (Q_TIME_LIMIT s from now, default 510 = 8.5 min), $OUT, a work folder, status
@@ -15,6 +15,13 @@
 #   q_leaving NEED_S         a time limit for a step that must leave NEED_S (at least Q_MIN_STEP_S) to a later step,
 #                            even when it runs to its limit
 #   q_finish                 final status and summary; the entry's exit status (0 when every step ran or was skipped)
+#   q_train_data ENTRY       the training entries' start (q2-train.sh, q5-pir.sh): q_init ENTRY, then the staged
+#                            AID/RSICD parts checked and unpacked (step "data"; or DATA, an unpacked folder), q_setup;
+#                            sets DATA, R (results folder) and exports RUNS, DATA_JSON and PYTHON for train_aid.sh
+#   q_phase STEP OVER RESERVE CAPVAR
+#                            one train_aid.sh phase under a wall-clock cap (minutes, from $CAPVAR) cut to what is left
+#                            after OVER s of the phase's own overhead and RESERVE s kept for later steps; skipped with
+#                            its reason when under 0.3 min would be left
 #
 # What comes back from the device machine is at most 8 files, 2 folders deep: every entry writes exactly three to
 # $OUT, rewritten after each step: q<N>-<name>-status.json, q<N>-<name>-summary.md and q<N>-<name>-results.tar.gz
@@ -42,6 +49,39 @@ done
 Q_RESERVE=${Q_RESERVE:-15} Q_MIN_STEP_S=${Q_MIN_STEP_S:-20} Q_KILL_S=${Q_KILL_S:-15}
 
 q_die() { echo "Error: $*" >&2; exit 2; }
+
+q_train_data() {  # ENTRY
+  PARTS_DIR=${PARTS_DIR:-/tmp/dparts}
+  DATA_ROOT=${DATA_ROOT:-/tmp/data}
+  MANIFEST=${MANIFEST-$(ls -d .dtrain*/parts.json 2>/dev/null | head -1)}
+  if [ -z "${DATA:-}" ] && [ -z "$MANIFEST" ]; then
+    q_die "no .dtrain*/parts.json here: carry the last part folder with this call (python benchmarks/gpu/stage.py train)"
+  fi
+  q_init "$1"
+  if [ -z "${DATA:-}" ]; then
+    q_step data 120 "$PY" benchmarks/gpu/stage.py unpack --manifest "$MANIFEST" --parts "$PARTS_DIR" --dst "$DATA_ROOT"
+    DATA=$DATA_ROOT/aid-rsicd
+  fi
+  if [ ! -f "$DATA/dataset_rsicd_aid.json" ]; then
+    q_finish
+    q_die "no dataset at $DATA (see the data step above)"
+  fi
+  q_setup
+  R=$Q_WORK/results
+  export RUNS=$Q_WORK/runs DATA_JSON=dataset_rsicd_aid.json PYTHON="$PY"
+}
+
+q_phase() {  # STEP OVERHEAD_S RESERVE_S CAPVAR
+  local step=$1 over=$2 reserve=$3 var=$4 cap
+  cap=$(awk -v l="$(q_left)" -v m="${!var}" -v o="$over" -v r="$(( reserve + Q_RESERVE ))" \
+    'BEGIN { c = (l - o - r) / 60; if (c > m) c = m; if (c >= 0.3) printf "%.2f", c }')
+  if [ -z "$cap" ]; then
+    q_skip "$step" "not enough time left for a useful $step run ($(q_left) s left, $reserve s reserved for later steps)"
+    return
+  fi
+  q_step "$step" "$(awk -v c="$cap" -v o="$over" 'BEGIN { printf "%d", c * 60 + o + 60 }')" \
+    env "$var=$cap" OUT="$R" bash benchmarks/gpu/train_aid.sh "$step" "$DATA"
+}
 
 # Entries 1 and 3 read the carried class-spread test slice: $DATA (default .bench-data/aid-rsicd).
 q_need_slice() {

@@ -27,26 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 . benchmarks/gpu/lib.sh
 
-PARTS_DIR=${PARTS_DIR:-/tmp/dparts}
-DATA_ROOT=${DATA_ROOT:-/tmp/data}
-MANIFEST=${MANIFEST-$(ls -d .dtrain*/parts.json 2>/dev/null | head -1)}
-if [ -z "${DATA:-}" ] && [ -z "$MANIFEST" ]; then
-  q_die "no .dtrain*/parts.json here: carry the last part folder with this call (python benchmarks/gpu/stage.py train)"
-fi
-q_init q2-train
-
-if [ -z "${DATA:-}" ]; then
-  q_step data 120 "$PY" benchmarks/gpu/stage.py unpack --manifest "$MANIFEST" --parts "$PARTS_DIR" --dst "$DATA_ROOT"
-  DATA=$DATA_ROOT/aid-rsicd
-fi
-if [ ! -f "$DATA/dataset_rsicd_aid.json" ]; then
-  q_finish
-  q_die "no dataset at $DATA (see the data step above)"
-fi
-q_setup
-
-R=$Q_WORK/results
-export RUNS=$Q_WORK/runs DATA_JSON=dataset_rsicd_aid.json PYTHON="$PY"
+q_train_data q2-train
 PRIOR_MAX_MIN=${PRIOR_MAX_MIN:-1.25}
 MAX_MIN=${MAX_MIN:-2.25}
 CLIP_MAX_MIN=${CLIP_MAX_MIN:-1.25}
@@ -54,32 +35,15 @@ CLIP_MAX_MIN=${CLIP_MAX_MIN:-1.25}
 # what the steps after training need: estimates for an H100 (benchmarks/gpu/README.md), kept as reserves.
 OVER_PRIOR=30 OVER_RUN=40 PARITY_S=${PARITY_S:-60} REPORT_S=15
 
-cap_min() {  # MAX_MIN OVERHEAD_S RESERVE_S: the cap in minutes, cut to what is left (empty when under 0.3 min)
-  awk -v l="$(q_left)" -v m="$1" -v o="$2" -v r="$(( $3 + Q_RESERVE ))" \
-    'BEGIN { c = (l - o - r) / 60; if (c > m) c = m; if (c >= 0.3) printf "%.2f", c }'
-}
-
-phase() {  # STEP OVERHEAD_S RESERVE_S CAPVAR: one train_aid.sh phase under a cap that fits the time left
-  local step=$1 over=$2 reserve=$3 var=$4 cap
-  cap=$(cap_min "${!var}" "$over" "$reserve")
-  if [ -z "$cap" ]; then
-    q_skip "$step" "not enough time left for a useful $step run ($(q_left) s left, $reserve s reserved for later steps)"
-    return
-  fi
-  local hard
-  hard=$(awk -v c="$cap" -v o="$over" 'BEGIN { printf "%d", c * 60 + o + 60 }')
-  q_step "$step" "$hard" env "$var=$cap" OUT="$R" bash benchmarks/gpu/train_aid.sh "$step" "$DATA"
-}
-
 after_pc=$(awk -v c="$CLIP_MAX_MIN" -v o="$OVER_RUN" -v p="$PARITY_S" -v r="$REPORT_S" 'BEGIN { printf "%d", c*60+o+p+r }')
 after_prior=$(awk -v m="$MAX_MIN" -v o="$OVER_RUN" -v a="$after_pc" 'BEGIN { printf "%d", m*60+o+a }')
-phase prior "$OVER_PRIOR" "$after_prior" PRIOR_MAX_MIN
+q_phase prior "$OVER_PRIOR" "$after_prior" PRIOR_MAX_MIN
 if [ -f "$RUNS/prior/prior.pt" ]; then
-  phase priorclip "$OVER_RUN" "$after_pc" MAX_MIN
+  q_phase priorclip "$OVER_RUN" "$after_pc" MAX_MIN
 else
   q_skip priorclip "no trained prior (see the prior step)"
 fi
-phase clip "$OVER_RUN" "$(( PARITY_S + REPORT_S ))" CLIP_MAX_MIN
+q_phase clip "$OVER_RUN" "$(( PARITY_S + REPORT_S ))" CLIP_MAX_MIN
 
 if [ -f "$RUNS/priorclip/model.pt" ]; then
   q_step parity "$(( PARITY_S + 60 ))" "$PY" benchmarks/gpu/trained_parity.py --checkpoint "$RUNS/priorclip/model.pt" \

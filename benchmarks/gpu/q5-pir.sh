@@ -21,26 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 . benchmarks/gpu/lib.sh
 
-PARTS_DIR=${PARTS_DIR:-/tmp/dparts}
-DATA_ROOT=${DATA_ROOT:-/tmp/data}
-MANIFEST=${MANIFEST-$(ls -d .dtrain*/parts.json 2>/dev/null | head -1)}
-if [ -z "${DATA:-}" ] && [ -z "$MANIFEST" ]; then
-  q_die "no .dtrain*/parts.json here: carry the last part folder with this call (python benchmarks/gpu/stage.py train)"
-fi
-q_init q5-pir
-
-if [ -z "${DATA:-}" ]; then
-  q_step data 120 "$PY" benchmarks/gpu/stage.py unpack --manifest "$MANIFEST" --parts "$PARTS_DIR" --dst "$DATA_ROOT"
-  DATA=$DATA_ROOT/aid-rsicd
-fi
-if [ ! -f "$DATA/dataset_rsicd_aid.json" ]; then
-  q_finish
-  q_die "no dataset at $DATA (see the data step above)"
-fi
-q_setup
-
-R=$Q_WORK/results
-export RUNS=$Q_WORK/runs DATA_JSON=dataset_rsicd_aid.json PYTHON="$PY"
+q_train_data q5-pir
 PIR_MAX_MIN=${PIR_MAX_MIN:-2.5}
 PRIOR_MAX_MIN=${PRIOR_MAX_MIN:-1.0}
 OVER_PRIOR=30 OVER_RUN=45 PARITY_S=${PARITY_S:-60} REPORT_S=15
@@ -51,27 +32,11 @@ else
   q_skip swin "SWIN=$SWIN (the CPU dry run: timm cannot be imported there)"
 fi
 
-cap_min() {  # MAX_MIN OVERHEAD_S RESERVE_S: the cap in minutes, cut to what is left (empty when under 0.3 min)
-  awk -v l="$(q_left)" -v m="$1" -v o="$2" -v r="$(( $3 + Q_RESERVE ))" \
-    'BEGIN { c = (l - o - r) / 60; if (c > m) c = m; if (c >= 0.3) printf "%.2f", c }'
-}
-
-phase() {  # STEP OVERHEAD_S RESERVE_S CAPVAR: one train_aid.sh phase under a cap that fits the time left
-  local step=$1 over=$2 reserve=$3 var=$4 cap
-  cap=$(cap_min "${!var}" "$over" "$reserve")
-  if [ -z "$cap" ]; then
-    q_skip "$step" "not enough time left for a useful $step run ($(q_left) s left, $reserve s reserved for later steps)"
-    return
-  fi
-  q_step "$step" "$(awk -v c="$cap" -v o="$over" 'BEGIN { printf "%d", c * 60 + o + 60 }')" \
-    env "$var=$cap" OUT="$R" bash benchmarks/gpu/train_aid.sh "$step" "$DATA"
-}
-
 after_pir=$(( PARITY_S + REPORT_S ))
 after_prior=$(awk -v m="$PIR_MAX_MIN" -v o="$OVER_RUN" -v a="$after_pir" 'BEGIN { printf "%d", m*60+o+a }')
-phase pirprior "$OVER_PRIOR" "$after_prior" PRIOR_MAX_MIN
+q_phase pirprior "$OVER_PRIOR" "$after_prior" PRIOR_MAX_MIN
 if [ -f "$RUNS/pirprior/prior.pt" ]; then
-  phase pir "$OVER_RUN" "$after_pir" PIR_MAX_MIN
+  q_phase pir "$OVER_RUN" "$after_pir" PIR_MAX_MIN
 else
   q_skip pir "no trained PIR prior (see the pirprior step)"
 fi

@@ -360,49 +360,36 @@ def pad_rows(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
-    """Cut [B, L] ids to the batch's longest row (ids are never 0 but for padding): PIR-pytorch pads every training
-    batch to its longest caption, and PIR attends to padding, so the width is part of what it is trained on."""
-    return tokens[:, : max(int((tokens != 0).sum(1).max()), 1)] if tokens.numel() else tokens
+def tokenize_pairs(src: PairSource, tokenizer: Callable[[Sequence[str]], torch.Tensor]
+                   ) -> tuple[PairSource, torch.Tensor, int]:
+    """(the pairs whose caption the tokenizer takes, their ids [N, L] int32, how many pairs it refused).
 
-
-def drop_untokenizable(src: PairSource, tokenizer: Callable[[Sequence[str]], torch.Tensor]) -> tuple[PairSource, int]:
-    """The pairs whose caption the tokenizer takes, and how many it refused. PIR's cleaning (pre_caption) refuses a
-    caption with no words left, as the reference does, where it would stop the run (AID/RSICD's train split has two).
+    Each distinct caption is tokenised once (RSICD repeats many). PIR's cleaning (pre_caption) refuses a caption with
+    no words left, as the reference does, where it would stop the run (AID/RSICD's train split has two): only then
+    are the distinct captions tried one by one, to leave those pairs out.
     """
     uniq = sorted(set(src.captions))
     try:
-        tokenizer(uniq)
-        return src, 0
+        table = tokenizer(uniq)
+        refused: set[str] = set()
     except DataError:
-        pass
+        def takes(c: str) -> bool:
+            try:
+                tokenizer([c])
+                return True
+            except DataError:
+                return False
 
-    def takes(c: str) -> bool:
-        try:
-            tokenizer([c])
-            return True
-        except DataError:
-            return False
-
-    refused = {c for c in uniq if not takes(c)}
+        refused = {c for c in uniq if not takes(c)}
+        uniq = [c for c in uniq if c not in refused]
+        table = tokenizer(uniq)
     keep = np.array([i for i, c in enumerate(src.captions) if c not in refused], dtype=np.int64)
-    bad = len(src.captions) - len(keep)
-    return dataclasses.replace(src, captions=[src.captions[i] for i in keep],
-                               caption_image=np.asarray(src.caption_image)[keep]), bad
-
-
-def tokenize_captions(captions: Sequence[str], context_length: int = 77,
-                      tokenizer: Callable[[Sequence[str]], torch.Tensor] | None = None) -> torch.Tensor:
-    """Token ids [N, L <= context_length] int32 by ``tokenizer`` (default: CLIP's); each distinct caption is
-    tokenised once (RSICD repeats many)."""
-    if tokenizer is None:
-        from priorclip.tokenizer import clip_tokenizer
-
-        tokenizer = clip_tokenizer(context_length)
-    uniq = sorted(set(captions))
-    table = tokenizer(uniq).to(torch.int32) if uniq else torch.zeros(0, context_length, dtype=torch.int32)
+    n_refused = len(src.captions) - len(keep)
+    if n_refused:
+        src = dataclasses.replace(src, captions=[src.captions[i] for i in keep],
+                                  caption_image=np.asarray(src.caption_image)[keep])
     where = {c: i for i, c in enumerate(uniq)}
-    return table[torch.tensor([where[c] for c in captions], dtype=torch.long)]
+    return src, table.to(torch.int32)[torch.tensor([where[c] for c in src.captions], dtype=torch.long)], n_refused
 
 
 # --------------------------------------------------------------------------------------------------- webdataset

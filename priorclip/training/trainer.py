@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from priorclip.checkpoint import Checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from priorclip.config import FAMILY_PIR, FAMILY_PRIORCLIP, AnyConfig
 from priorclip.preprocess import preprocess_for
+from priorclip.wordpiece import trim_padding
 from priorclip.errors import CheckpointError, DataError, PriorCLIPError
 from priorclip.training import data as tdata
 from priorclip.training.common import (
@@ -197,7 +198,7 @@ class TrainData:
                 src = tdata.load_csv_pairs(cfg.data, cfg.images)
             else:
                 raise DataError(f"unknown data type {kind!r}; choose one of {', '.join(tdata.DATA_TYPES)}")
-            src, self.empty_captions = tdata.drop_untokenizable(src, self.tokenizer)
+            src, tokens, self.empty_captions = tdata.tokenize_pairs(src, self.tokenizer)
             use_cache = cfg.cache == "yes" or (cfg.cache == "auto" and len(src.images) <= CACHE_AUTO_LIMIT)
             cache = None
             if use_cache:
@@ -210,7 +211,6 @@ class TrainData:
                         f"(e.g. {self.skipped_at_load[0][0]}: {self.skipped_at_load[0][1]}); check --images"
                     )
                 self.cache_seconds = time.perf_counter() - t0
-            tokens = tdata.tokenize_captions(src.captions, context_length, self.tokenizer)
             self.dataset = tdata.PairDataset(src, image_size, tokens, cache, augment=True, seed=cfg.seed,
                                              randaugment=self.randaugment)
             self.n_samples = len(self.dataset)
@@ -505,8 +505,8 @@ class Trainer:
         dev = self.d.device
         pixels = tdata.normalize_on_device(micro["pixels"].to(dev, non_blocking=True))
         tokens = micro["tokens"]
-        if self.family == FAMILY_PIR:  # padded to this batch's longest caption, as the reference trains
-            tokens = tdata.trim_padding(tokens)
+        if self.family == FAMILY_PIR:  # padded to this batch's longest caption, as PIR-pytorch trains
+            tokens = trim_padding(tokens)
         tokens = tokens.to(dev, non_blocking=True)
         with autocast(dev, self.cfg.precision):
             return self.ddp(pixels, tokens)

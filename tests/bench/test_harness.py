@@ -13,6 +13,7 @@ from priorclip.benchmarks import harness
 from priorclip.profile import profile_config
 from priorclip.registry import create_model, get_config
 from priorclip.serve.engines import create_engine
+from priorclip.transforms import EvalTransform
 
 
 def test_time_calls_rotates_the_pool_after_warmup():
@@ -188,7 +189,7 @@ def test_bench_engine_and_e2e_rate_on_tiny():
     assert len(set(jpegs)) == 6  # distinct images, not one repeated
     rate = harness.e2e_rate(eng, jpegs, batch=4, workers=2)
     assert rate["n_images"] == 6 and rate["images_per_s"] > 0
-    assert harness.decode_rate(jpegs, 64, workers=2) > 0
+    assert harness.decode_rate(jpegs, EvalTransform(64), workers=2) > 0
 
 
 def test_caption_batches_and_the_length_they_run():

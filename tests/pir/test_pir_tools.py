@@ -9,10 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from priorclip.cli import main
 from priorclip.data import load_retrieval_set
 from priorclip.encoder import TorchEncoder
 from priorclip.errors import DataError
@@ -21,6 +19,7 @@ from priorclip.registry import create_model, get_config
 from priorclip.retrieval import embed_texts
 from priorclip.synthetic import make_sample
 from priorclip.transforms import OPENAI_MEAN, OPENAI_STD, EvalTransform
+from tests.priorclip.test_cli import run, user_error  # the CLI driver and its one-line-error check
 
 TINY = "pir-tiny"
 
@@ -28,18 +27,6 @@ TINY = "pir-tiny"
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     return make_sample(tmp_path_factory.mktemp("sample"), n_images=10, size=64)
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
-    return result
-
-
-def user_error(result, match):
-    assert result.exit_code != 0
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("Error: ") and match in lines[-1], result.output
 
 
 def _pir_records(sample, tmp_path, order):

@@ -119,14 +119,18 @@ def test_short_run_end_to_end(tiny_data, tmp_path):
 
 def test_captions_empty_after_cleaning_are_left_out():
     """PIR's cleaning refuses a caption with no words (the reference crashes on AID/RSICD's two in train): the pair
-    is left out and counted; CLIP's tokenizer takes every caption."""
+    is left out and counted; CLIP's tokenizer takes every caption. Each distinct caption is tokenised as its own."""
     import numpy as np
 
     from priorclip.tokenizer import clip_tokenizer
-    from priorclip.training.data import PairSource, drop_untokenizable
+    from priorclip.training.data import PairSource, tokenize_pairs
     from priorclip.wordpiece import pir_tokenizer
 
-    src = PairSource([tdata.Path("a.png"), tdata.Path("b.png")], ["a river", "", "...", "a lake"], np.array([0, 0, 1, 1]))
-    kept, n = drop_untokenizable(src, pir_tokenizer())
-    assert (kept.captions, kept.caption_image.tolist(), n) == (["a river", "a lake"], [0, 1], 2)
-    assert drop_untokenizable(src, clip_tokenizer(77)) == (src, 0)
+    caps = ["a river", "", "...", "a lake", "a river"]
+    src = PairSource([tdata.Path("a.png"), tdata.Path("b.png")], caps, np.array([0, 0, 1, 1, 1]))
+    kept, ids, n = tokenize_pairs(src, pir_tokenizer())
+    assert (kept.captions, kept.caption_image.tolist(), n) == (["a river", "a lake", "a river"], [0, 1, 1], 2)
+    tok = pir_tokenizer()
+    assert ids.dtype == torch.int32 and [r[r != 0].tolist() for r in ids] == [tok([c])[0].tolist() for c in kept.captions]
+    kept, ids, n = tokenize_pairs(src, clip_tokenizer(77))
+    assert kept is src and n == 0 and torch.equal(ids.long(), clip_tokenizer(77)(caps))
