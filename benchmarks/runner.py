@@ -38,7 +38,6 @@ from priorclip.serve.engines import (
     Engine,
     available_backends,
     create_engine,
-    family_reason,
     supported_precisions,
 )
 
@@ -111,11 +110,9 @@ def parse_engines(spec: str) -> list[tuple[str, str]]:
     return out
 
 
-def plan_engines(opts: BenchOptions, device: torch.device,
-                 family: str = FAMILY_PRIORCLIP) -> tuple[list[tuple[str, str]], list[dict]]:
-    """The (backend, precision) pairs to run, and engine rows for those that cannot run here or cannot run a model of
-    ``family`` (``cfg.family``)."""
-    avail = {b: reason or family_reason(b, family) for b, reason in available_backends(device).items()}
+def plan_engines(opts: BenchOptions, device: torch.device) -> tuple[list[tuple[str, str]], list[dict]]:
+    """The (backend, precision) pairs to run, and engine rows for those that cannot run here."""
+    avail = available_backends(device)
     skipped: list[dict] = []
     if opts.engines:
         pairs = list(opts.engines)
@@ -129,9 +126,7 @@ def plan_engines(opts: BenchOptions, device: torch.device,
         backends = opts.backends or list(DEFAULT_BACKENDS.get(device.type) or BACKENDS)
         if not opts.backends:
             for b in BACKENDS:
-                if b not in backends and (why := family_reason(b, family)) is not None:
-                    skipped.append(_engine_row(b, "-", "unavailable", why))  # what a GPU run would lack, too
-                elif b not in backends and avail.get(b) is None:
+                if b not in backends and avail.get(b) is None:
                     skipped.append(
                         _engine_row(
                             b,
@@ -292,7 +287,7 @@ def run_bench(
     workers = opts.workers or harness.default_workers()
     model = build_model(opts.model_name, opts.checkpoint, opts.gate)
     cfg = model.cfg
-    pairs, engine_rows = plan_engines(opts, device, cfg.family)  # which engines run depends on the model's family
+    pairs, engine_rows = plan_engines(opts, device)
     # the real dataset serves the recall set and the INT8 calibration (its train split), whichever is needed
     source = recall_source(opts) if opts.recall or any(p in CALIBRATED for _, p in pairs) else None
     ctx = cfg.text.context_length

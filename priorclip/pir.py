@@ -21,11 +21,11 @@ from torch import nn
 
 from priorclip.config import PIRConfig
 from priorclip.layers.bert import BertEncoder
-from priorclip.layers.pae import MHSA, CroSA, descending_order
+from priorclip.kernels.vir_filter import vir_filter
+from priorclip.layers.pae import MHSA, CroSA
 from priorclip.layers.swin import SwinTransformer
 from priorclip.layers.tv_resnet import TorchvisionResNet
 from priorclip.wordpiece import PAD_ID
-
 
 
 class PIR(nn.Module):
@@ -77,14 +77,14 @@ class PIR(nn.Module):
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True, kernels: str = "auto") -> torch.Tensor:
         """[B, 3, S, S] normalised pixels -> [B, embed_dim] image embeddings (L2-normalised by default)."""
-        feats, _ = self._image_features(pixels)
+        feats, _ = self._image_features(pixels, kernels)
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_image_with_order(self, pixels: torch.Tensor,
                                 kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised image embeddings and VIR's belief order [B, 50] (token index at each rank; the first
         ``filter_size`` are kept)."""
-        feats, order = self._image_features(pixels)
+        feats, order = self._image_features(pixels, kernels)
         return F.normalize(feats, dim=-1), order
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -111,18 +111,16 @@ class PIR(nn.Module):
         return self.encode_image(pixels), self.encode_text(tokens), torch.stack([self.temp, self.temp2])
 
     # ------------------------------------------------------------------ VIR
-    def _image_features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_features(self, pixels: torch.Tensor, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         s = self.image_size
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != s or pixels.shape[3] != s:
             raise ValueError(f"encode_image expects pixels [B,3,{s},{s}], got {tuple(pixels.shape)}")
         v = self.vision_proj(self.vision_encoder(pixels))  # [B, 50, E], token 0 = mean of the grid tokens
-        instr = self.conv_proj(self.conv_encoder(pixels)).unsqueeze(1)  # [B, 1, E]
-        # The reference sorts the softmax, not the logits: ties (equal or underflowed beliefs) are decided on it.
-        belief = (v @ instr.transpose(1, 2)).squeeze(-1).float().softmax(dim=-1)  # [B, 50]
-        order = descending_order(belief)
-        kept = order[:, : self.cfg.filter_size]
-        f = v.gather(1, kept.unsqueeze(-1).expand(-1, -1, v.shape[-1]))  # [B, 40, E] in belief order
-        query = instr.expand(-1, f.shape[1], -1)
+        instr = self.conv_proj(self.conv_encoder(pixels))  # [B, E]
+        # The 40 tokens of highest belief in belief order (the Triton filter on CUDA at inference; sorted on the
+        # softmax, as the reference does, equal beliefs lower index first on every backend).
+        f, order = vir_filter(v, instr, self.cfg.filter_size, kernels=kernels)  # [B, 40, E], [B, 50]
+        query = instr.unsqueeze(1).expand(-1, f.shape[1], -1)
         for sa, ca, mapping in zip(self.img_sa, self.img_ca, self.mapping_img):
             f = ca(mapping(query), sa(f))
         return v[:, 0] + self.head_img(f[:, 0]), order

@@ -30,8 +30,8 @@ FLOPs at the length really run.
 
 The closed-domain PIR model attends to its [PAD] tokens, so its ids always run exactly as tokenised (never cut,
 never padded further): every engine takes the batch's own length (``torch-compile`` marks the length axis dynamic,
-one graph for every length), and the ``fused`` engine, built for the open-domain model, refuses PIR
-(:attr:`Backend.families`).
+one graph for every length; ``fused`` captures one CUDA graph per batch bucket and length). PIR's ``fused`` engine
+is :class:`~priorclip.serve.fused_pir.FusedPIREncoder` (the PAE kernels, :mod:`priorclip.kernels.pae`).
 
 Static-shape engines (compiled with ``dynamic=False``, CUDA graphs) are given ``batch_buckets``: a batch is padded up
 to the next bucket (or split at the largest), so an odd-sized last batch does not trigger a fresh compilation.
@@ -244,15 +244,6 @@ class Backend:
     build: Callable[..., Engine]
     description: str = ""
     options: tuple[str, ...] = field(default_factory=tuple)
-    families: tuple[str, ...] = (FAMILY_PRIORCLIP, FAMILY_PIR)  # model families (``cfg.family``) it can run
-
-
-def family_reason(backend: str, family: str) -> str | None:
-    """Why ``backend`` cannot run a model of ``family`` (``cfg.family``), or None when it can."""
-    if family in get_backend(backend).families:
-        return None
-    return (f"the {backend} engine runs the open-domain PriorCLIP only, not {family.upper()} models (no {backend} "
-            f"{family.upper()} engine yet); use torch, torch-compile, onnxruntime, aoti or tensorrt")
 
 
 def _device_type(device: str | torch.device) -> str:
@@ -360,6 +351,8 @@ def _build_fused(model: Model, precision: str, device: torch.device, batch_bucke
                  fp8_keep: tuple[str, ...] | list[str] = (), fused_norms: bool = False, **_: Any) -> Engine:
     from priorclip.serve.fused import FusedEncoder
 
+    if model.cfg.family == FAMILY_PIR:
+        return _build_fused_pir(model, precision, device, batch_buckets, cuda_graphs, fused_norms)
     fp8 = None
     if precision == "fp8":
         from priorclip.export.amax import METHODS
@@ -391,6 +384,26 @@ def _build_fused(model: Model, precision: str, device: torch.device, batch_bucke
     }
     if enc.fp8 is not None:
         info["fp8"] = enc.fp8  # which GEMMs are FP8, which stayed bf16 and why, calibration, amax per layer
+    return Engine(enc, "fused", precision, device, fixed_text_length=False, batch_buckets=batch_buckets, info=info)
+
+
+def _build_fused_pir(model: PIR, precision: str, device: torch.device, batch_buckets, cuda_graphs: bool,
+                     fused_norms: bool) -> Engine:
+    from priorclip.serve.fused_pir import FusedPIREncoder
+
+    if precision == "fp8" or fused_norms:  # both are open-domain ViT/ResNet paths
+        what = "fp8" if precision == "fp8" else "fused_norms"
+        raise PriorCLIPError(f"fused {what} runs the open-domain PriorCLIP only; PIR's fused engine runs fp32, fp16 "
+                             "or bf16")
+    enc = FusedPIREncoder(model, device, DTYPES[precision], cuda_graphs=cuda_graphs)
+    if batch_buckets is None and enc.cuda_graphs:  # one CUDA graph per bucket, not per batch size
+        batch_buckets = (1, 8, 16, 32, 64, 128, 256)
+    info = {
+        "cuda_graphs": enc.cuda_graphs,
+        "kernels": enc.kernels,  # the PAE kernels: "fused" (Triton) or "reference"
+        "bn_folded": True,
+        "pruning": "VIR's CroSA query once per sample; the last VIR and LCA blocks row 0 only",
+    }
     return Engine(enc, "fused", precision, device, fixed_text_length=False, batch_buckets=batch_buckets, info=info)
 
 
@@ -507,9 +520,9 @@ BACKENDS: dict[str, Backend] = {
             {"cpu": ("fp32", "bf16", "fp8"), "cuda": ("fp32", "fp16", "bf16", "fp8")},  # fp8 on CPU: emulated
             _check_fused,
             _build_fused,
-            "inference-only encoders: folded BN, fused stem+gate kernel, exact pruning, CUDA graphs on GPU",
+            "inference-only encoders: folded BN, fused stem+gate (PriorCLIP) or PAE (PIR) kernels, exact pruning, "
+            "CUDA graphs on GPU",
             ("batch_buckets", "cuda_graphs", "project_in_kernel", "fused_norms", "calib_method", "fp8_keep"),
-            (FAMILY_PRIORCLIP,),
         ),
     )
 }
@@ -552,8 +565,7 @@ def create_engine(
 
     Args:
         backend: a key of :data:`BACKENDS`.
-        model: the PriorCLIP or PIR model (eval mode); engines may move it to ``device``. A backend that does not
-            run the model's family (:attr:`Backend.families`: ``fused`` is open-domain only) is refused.
+        model: the PriorCLIP or PIR model (eval mode); engines may move it to ``device``.
         precision: fp32, fp16, bf16, int8 or fp8, as the backend supports on that device.
         workdir: where exporting backends write their artefacts (default: a fresh temporary folder).
         calib: a :class:`~priorclip.data.RetrievalSet` for int8 (exporters) and fp8 (fused) calibration.
@@ -579,7 +591,5 @@ def create_engine(
         raise PriorCLIPError(
             f"backend {backend} does not run {precision} on {dev.type} (it runs: {', '.join(b.precisions[dev.type])})"
         )
-    if (reason := family_reason(backend, model.cfg.family)) is not None:
-        raise PriorCLIPError(reason)
     return b.build(model, precision, dev, workdir=workdir, calib=calib, parity_set=parity_set,
                    reference_embeddings=reference_embeddings, **options)

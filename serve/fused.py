@@ -32,6 +32,7 @@ from priorclip.kernels.belief_gate import fused_enabled, stem_gate
 from priorclip.layers.resnet import Bottleneck, ModifiedResNet
 from priorclip.layers.transformer import ResidualAttentionBlock
 from priorclip.model import PriorCLIP
+from priorclip.serve.cuda_graphs import GraphCache, GraphedImageEncoder
 
 if TYPE_CHECKING:
     from priorclip.serve.fp8 import Fp8Config
@@ -278,7 +279,7 @@ class FoldedResNet:
 # ------------------------------------------------------------------------------------------- the encoder
 
 
-class FusedEncoder:
+class FusedEncoder(GraphedImageEncoder):
     """Inference-only PriorCLIP encoder (module docstring): embeddings [B, E] float32, L2-normalised, on ``device``.
 
     Args:
@@ -293,14 +294,12 @@ class FusedEncoder:
             default until the kernel benchmark shows it beating the library on a GPU.
         fp8: an :class:`~priorclip.serve.fp8.Fp8Config` (dtype must be bfloat16): calibrate on its images, then run
             the ViT linears and the prior's 1x1 convolutions as FP8 GEMMs; :attr:`fp8` is then the layer report.
-        fused_norms: each residual add and the LayerNorm after it as one kernel (:func:`encoder_stack`); off by
-            default until the kernel benchmark shows it beating the library on a GPU.
     """
 
     def __init__(self, model: PriorCLIP, device: str | torch.device, dtype: torch.dtype,
                  cuda_graphs: bool = True, project_in_kernel: bool = True, fp8: Fp8Config | None = None,
                  fused_norms: bool = False) -> None:
-        if model.cfg.family != FAMILY_PRIORCLIP:  # PIR's Swin/BERT/VIR/LCA towers have no fused version yet
+        if model.cfg.family != FAMILY_PRIORCLIP:  # PIR has its own: serve/fused_pir.py
             raise PriorCLIPError(f"the fused engine runs the open-domain PriorCLIP only, not {model.cfg.name!r} "
                                  f"(family {model.cfg.family}); use the torch, torch-compile or exported engines")
         if dtype not in _DTYPES:
@@ -341,9 +340,8 @@ class FusedEncoder:
 
         # What stem_gate will dispatch to for this device and dtype (for the engine's metadata).
         self.kernels = "fused" if fused_enabled(torch.empty(0, device=dev, dtype=dtype)) else "reference"
-        self.cuda_graphs = bool(cuda_graphs and dev.type == "cuda")
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._graphs = GraphCache(dev, cuda_graphs)
+        self.cuda_graphs = self._graphs.enabled
         self.fp8: dict | None = None  # the FP8 layer report (serve/fp8.py), when built with fp8
         if fp8 is not None:  # before any graph capture: calibration runs the eager bf16 forward
             from priorclip.serve.fp8 import apply_fp8
@@ -374,41 +372,8 @@ class FusedEncoder:
         feats = _ln(x, self.ln_final) @ self.text_projection
         return (F.normalize(feats.float(), dim=-1),)
 
-    def _run(self, key: tuple, fn: Callable[..., tuple], *inputs: torch.Tensor) -> tuple:
-        if not self.cuda_graphs or inputs[0].shape[0] == 0:
-            return fn(*inputs)
-        entry = self._graphs.get(key)
-        if entry is None:
-            static_in = tuple(x.clone() for x in inputs)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up outside capture: Triton compiles, cuBLAS workspaces
-                for _ in range(3):
-                    fn(*static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                static_out = fn(*static_in)
-            entry = self._graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = entry
-        for dst, src in zip(static_in, inputs):
-            dst.copy_(src)
-        graph.replay()
-        return tuple(None if o is None else o.clone() for o in static_out)  # the next replay overwrites them
-
     # ---------------------------------------------------------------------------------------------- Encoder API
-
-    @torch.inference_mode()
-    def encode_images_with_order(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[B, 3, S, S] pixels -> (embeddings [B, E] float32, belief order [B, T] int64 | None)."""
-        s = self.image_size
-        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] != s or pixels.shape[3] != s:
-            raise ValueError(f"encode_images expects pixels [B,3,{s},{s}], got {tuple(pixels.shape)}")
-        pixels = pixels.to(self.device, self.dtype)
-        return self._run(("image", pixels.shape[0]), self._image_forward, pixels)
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encode_images_with_order(pixels)[0]
+    # (encode_images and encode_images_with_order: GraphedImageEncoder's)
 
     @torch.inference_mode()
     def encode_texts(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -425,4 +390,4 @@ class FusedEncoder:
         eot = tokens.argmax(dim=-1)  # [B]
         n = next(b for b in self.text_buckets if b > int(eot.max()))  # rows after the last EOT never matter
         tokens = tokens[:, :n] if tokens.shape[1] >= n else F.pad(tokens, (0, n - tokens.shape[1]))
-        return self._run(("text", tokens.shape[0], n), self._text_forward, tokens, eot)[0]
+        return self._graphs.run(("text", tokens.shape[0], n), self._text_forward, tokens, eot)[0]

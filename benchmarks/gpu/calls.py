@@ -1,6 +1,6 @@
 """Print the exact device calls of a GPU queue entry, after checking that everything they carry is staged and fits.
 
-    python benchmarks/gpu/calls.py 1|2|3|4|5 [--revision SHA]
+    python benchmarks/gpu/calls.py 1|2|3|4|5|6 [--revision SHA]
 
 One JSON object per call (``carry``, ``command``, ``timeout_s``), in order, ready for the device tool's ``run``,
 each after a comment line with the MiB it sends; the revision is filled in (``.git`` does not travel). This is the
@@ -77,10 +77,11 @@ def plan(entry: str, rev: str) -> list[dict]:
         calls = [_copy_call(c, "/tmp/chunks") for c in chunks[:-1]]  # q3-ort-cuda.sh's CHUNKS_DIR
         return calls + [{"carry": [chunks[-1], ".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q3-ort-cuda.sh",
                          "timeout_s": RUN_TIMEOUT_S}]
-    if entry == "4":
-        return [{"carry": [".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q4-autotune.sh",
+    if entry in ("4", "6"):  # one call on the carried slice, as entry 1
+        script = "q4-autotune.sh" if entry == "4" else "q6-pae.sh"
+        return [{"carry": [".bench-data", ".whl"], "command": env + f"bash benchmarks/gpu/{script}",
                  "timeout_s": RUN_TIMEOUT_S}]
-    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2, 3, 4 or 5)")
+    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2, 3, 4, 5 or 6)")
 
 
 def check(calls: list[dict]) -> tuple[list[str], list[float]]:
@@ -113,7 +114,7 @@ def check(calls: list[dict]) -> tuple[list[str], list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("entry", choices=["1", "2", "3", "4", "5"])
+    ap.add_argument("entry", choices=["1", "2", "3", "4", "5", "6"])
     ap.add_argument("--revision", default=None, help="default: git rev-parse HEAD, +dirty with uncommitted changes")
     a = ap.parse_args(argv)
     calls = plan(a.entry, a.revision or git_revision(ROOT) or "unknown")

@@ -9,7 +9,8 @@
 #   eager     priorclip-bench, torch eager fp32 (plain fp32: the bench turns TF32 off for matmuls AND cuDNN, whose
 #             PyTorch default is on), fp16 and bf16 autocast, batch 1/8/256, JPEG->embedding rate, recall/parity of
 #             each against the fp32 reference on the carried slice, on CUDA
-#   kernels   pytest -m gpu tests/kernels: the kernels' parity grid, opcheck and torch.compile(fullgraph) on hardware
+#   kernels   pytest -m gpu on the open-domain kernels' tests: their parity grid, opcheck and
+#             torch.compile(fullgraph) on hardware
 #   kbench    python -m priorclip.benchmarks.kernels: each kernel vs eager, torch.compile and the memory floor, over its
 #             autotuning grid (BLOCK_D x warps), CUDA-graph and per-call times (KBENCH_ARGS)
 #   fused     every backend of priorclip.serve.engines that is none of torch, torch-compile, onnxruntime, aoti,
@@ -49,12 +50,14 @@ q_step eager "${EAGER_MAX_S:-200}" "${BENCH[@]}" "${COMMON[@]}" \
   --engines "${EAGER_ENGINES:-torch:fp32,torch:fp16,torch:bf16}" --tag "$DEVTAG-eager" --out "$R/eager" \
   --note "queue entry 1 (benchmarks/gpu/q1-speed.sh), eager engines"
 
-q_step kernels "${KERNELS_MAX_S:-90}" "$PY" -m pytest -m gpu tests/kernels -q -p no:cacheprovider \
+# the open-domain kernels' tests (PIR's PAE kernels are entry 6's)
+q_step kernels "${KERNELS_MAX_S:-90}" "$PY" -m pytest -m gpu tests/kernels/test_belief_gate.py \
+  tests/kernels/test_fp8_quant.py tests/kernels/test_add_layernorm.py -q -p no:cacheprovider \
   --junitxml="$R/kernels/junit.xml"
 
 # shellcheck disable=SC2086  # KBENCH_ARGS is a list of options
 q_step kbench "${KBENCH_MAX_S:-120}" "$PY" -m priorclip.benchmarks.kernels --device "$DEVICE" --out "$R/kbench" \
-  ${KBENCH_ARGS:---batches 1,8,256 --dtypes fp16,fp32 --iters 100}
+  ${KBENCH_ARGS:---kernels stem_gate,quantize_fp8,add_layernorm --batches 1,8,256 --dtypes fp16,fp32 --iters 100}
 
 FUSED=${FUSED_ENGINES:-$Q_FUSED}
 if [ -n "$FUSED" ]; then

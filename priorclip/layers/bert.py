@@ -160,8 +160,10 @@ class BertEncoder(nn.Module):
             raise ValueError(f"BERT input has {ids.shape[1]} tokens, more than max_positions {self.cfg.max_positions}")
         if mask is not None and mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
-        # reading values would break a compiled/exported graph, and meta tensors (FLOP counting) have none
-        if ids.numel() and not ids.is_meta and not torch.compiler.is_compiling():
+        # reading values would break a compiled/exported graph or a CUDA graph capture (a host sync), and meta tensors
+        # (FLOP counting) have none
+        if (ids.numel() and not ids.is_meta and not torch.compiler.is_compiling()
+                and not (ids.is_cuda and torch.cuda.is_current_stream_capturing())):
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise ValueError(f"BERT token ids must be in [0, {self.cfg.vocab_size}), got range [{lo}, {hi}]")

@@ -16,6 +16,12 @@ from torch import nn
 MASK_FILL = -1e9  # the reference's fill for masked scores (only used with PIRConfig.mask_padding)
 
 
+def mask_fill(dtype: torch.dtype) -> float:
+    """The fill for masked scores of ``dtype``: the reference's -1e9, or float16's most negative finite value, where
+    -1e9 overflows (torch refuses the fill); either gives masked keys exactly zero weight."""
+    return max(MASK_FILL, torch.finfo(dtype).min)
+
+
 class MHAtt(nn.Module):
     """Multi-head attention with separate query/key/value projections; ``key_pad`` [B, Lk] True marks keys to ignore."""
 
@@ -38,7 +44,7 @@ class MHAtt(nn.Module):
         qh, kh, vh = self._split(self.linear_q(q)), self._split(self.linear_k(k)), self._split(self.linear_v(v))
         scores = qh @ kh.transpose(-2, -1) / math.sqrt(qh.shape[-1])
         if key_pad is not None:
-            scores = scores.masked_fill(key_pad[:, None, None, :], MASK_FILL)
+            scores = scores.masked_fill(key_pad[:, None, None, :], mask_fill(scores.dtype))
         att = self.dropout(scores.softmax(dim=-1))
         out = (att @ vh).transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
         return self.linear_merge(out)

@@ -202,7 +202,8 @@ q_finish
 def test_q1_speed_dry_run(slice_dir, tmp_path):
     env = _env(tmp_path, DATA=slice_dir, EAGER_ENGINES="torch:fp32,torch:bf16", COMPILED_ENGINES="torch:fp32",
                FUSED_ENGINES="fused:fp32", AOTI_ENGINES="", PRIORCLIP_GIT_REVISION="abc123",
-               KBENCH_ARGS="--batches 2 --dtypes fp32 --shape 9,40,24 --iters 1 --configs 64:2 --no-fp8")
+               KBENCH_ARGS="--kernels stem_gate,add_layernorm --batches 2 --dtypes fp32 --shape 9,40,24 --iters 1 "
+                           "--configs 64:2")
     r, out, status = dry_run("q1-speed", env)
     assert [(s["name"], s["state"]) for s in status["steps"]] == [
         ("eager", "ok"), ("kernels", "ok"), ("kbench", "ok"), ("fused", "ok"), ("compiled", "ok"), ("tf32", "ok"),
@@ -262,11 +263,52 @@ def test_q4_autotune_dry_run(slice_dir, tmp_path):
     assert bench["config"]["batch_sizes"] == [4]
 
 
-def test_calls_plans_entry_4():
+def test_q6_pae_dry_run(slice_dir, tmp_path):
+    """Entry 6 on CPU with pir-tiny: the kernel tests (every one gpu-marked, so skipped here), the PAE kernel bench
+    under the interpreter at a tiny shape, and one bench step with PIR's fused engine first, on the slice's real
+    captions (torch stands in for torch.compile: compiling PIR on two cores would take minutes)."""
+    env = _env(tmp_path, DATA=slice_dir, MODEL="pir-tiny", Q6_ENGINES="fused:fp32,torch:fp32",
+               PRIORCLIP_GIT_REVISION="abc123", KB_BATCHES="2", KB_DTYPES="fp32", KB_ITERS="1",
+               KB_ARGS="--pae-shape 32,2,10,7")
+    r, out, status = dry_run("q6-pae", env)
+    assert [(s["name"], s["state"]) for s in status["steps"]] == [("kernels", "ok"), ("kbench", "ok"), ("bench", "ok")]
+    assert [s["note"] for s in status["steps"]] == [None] * 3, status["steps"]  # no engine failed or fell outside
+    assert "Q6_ENGINES=fused:fp32,torch:fp32" in status["command"] and "q6-pae.sh" in status["command"]
+    files = _results(out, "q6-pae")
+    junit = files["results/kernels/junit.xml"].decode()
+    assert 'skipped="0"' not in junit and 'errors="0"' in junit and 'failures="0"' in junit  # ran, all skipped
+    for name in ("test_vir_filter", "test_pae_linear", "test_pae_attention", "test_pae_blocks", "test_fused_pir"):
+        assert name in junit, name  # every file of the step was collected
+    kb = json.loads(files["results/kbench/kernels.json"])  # the PAE section only, at the tiny shape passed in
+    assert kb["dry_run"] and kb["kernels"] == ["pae"] and kb["pae_shape"]["e"] == 32
+    assert {r["block"] for r in kb["rows"]} >= {"filter", "vir", "lca"} and {r["batch"] for r in kb["rows"]} == {2}
+    bench = _one(files, "results/bench/bench-cpu-pae-", ".json")
+    assert [(e["backend"], e["precision"], e["status"]) for e in bench["engines"]] == [
+        ("fused", "fp32", "ok"), ("torch", "fp32", "ok")]
+    assert bench["config"]["real_captions"] is True and bench["config"]["compile_mode"] == "reduce-overhead"
+    assert bench["config"]["batch_sizes"] == [4] and bench["config"]["compile_dynamic"] is True
+    assert bench["recall"]["dataset"]["n_images"] == 12 and bench["environment"]["git_revision"] == "abc123"
+    brief = r.stdout[r.stdout.rindex("# GPU queue entry"):]
+    assert len(brief) < 12_000 and "| bench | ok |" in brief
+
+
+def test_q6_runs_only_the_steps_asked_for(slice_dir, tmp_path):
+    """Q6_STEPS: a later session runs what a time limit cut; the others are recorded as skipped, with the reason."""
+    env = _env(tmp_path, DATA=slice_dir, MODEL="pir-tiny", Q6_STEPS="kernels")
+    _, _, status = dry_run("q6-pae", env)
+    assert [(s["name"], s["state"], s["note"]) for s in status["steps"]] == [
+        ("kernels", "ok", None), ("kbench", "skipped", "not in Q6_STEPS"), ("bench", "skipped", "not in Q6_STEPS")]
+
+
+@pytest.mark.parametrize("entry,script", [("4", "q4-autotune.sh"), ("6", "q6-pae.sh")])
+def test_calls_plans_one_call_entries(entry, script):
     calls = _module("calls")
-    (call,) = calls.plan("4", "abc")
+    (call,) = calls.plan(entry, "abc")
     assert call == {"carry": [".bench-data", ".whl"], "timeout_s": calls.RUN_TIMEOUT_S,
-                    "command": "PRIORCLIP_GIT_REVISION=abc bash benchmarks/gpu/q4-autotune.sh"}
+                    "command": f"PRIORCLIP_GIT_REVISION=abc bash benchmarks/gpu/{script}"}
+    assert (GPU / script).is_file()
+    with pytest.raises(SystemExit, match=r"unknown entry '7' \(1, 2, 3, 4, 5 or 6\)"):
+        calls.plan("7", "abc")
 
 
 def test_q1_errors_are_one_line(slice_dir, tmp_path):

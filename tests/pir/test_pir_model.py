@@ -279,3 +279,21 @@ def test_forward_returns_temperatures_and_trains(model):
     r0 = m2.conv_encoder[1].running_mean.clone()
     m2.encode_image(pixels)
     assert not torch.equal(r0, m2.conv_encoder[1].running_mean)  # BatchNorm still runs in train mode (reference)
+
+
+def test_masked_attention_in_float16_gives_masked_keys_no_weight():
+    """-1e9 overflows float16 (torch refuses the fill): half-precision scores are filled with -65504 instead, which
+    gives masked keys exactly zero weight as -1e9 does in float32."""
+    from priorclip.layers.pae import MHAtt
+
+    torch.manual_seed(0)
+    att = MHAtt(32, 2, 0.0).eval()
+    x = torch.randn(2, 6, 32)
+    pad = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    with torch.no_grad():
+        want = att(x, x, x, pad)
+        half = att.half()(x.half(), x.half(), x.half(), pad)
+        x2 = x.clone()
+        x2[0, 4:] = 50.0  # what a masked key holds never reaches the output
+        assert torch.equal(att(x2.half(), x2.half(), x2.half(), pad)[0, :4], half[0, :4])
+    assert (half.float() - want).abs().max() < 1e-2

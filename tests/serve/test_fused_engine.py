@@ -271,7 +271,7 @@ def test_cuda_graph_bookkeeping_with_a_stand_in_for_torch_cuda(tiny, ref, pixels
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
     enc = FusedEncoder(tiny, "cpu", torch.float32)
-    enc.cuda_graphs, enc._pool = True, "pool"
+    enc._graphs.enabled, enc._graphs._pool = True, "pool"
     calls = []
     forward = enc._image_forward
     enc._image_forward = lambda x: calls.append(x.shape[0]) or forward(x)
@@ -280,11 +280,11 @@ def test_cuda_graph_bookkeeping_with_a_stand_in_for_torch_cuda(tiny, ref, pixels
     assert log == {"captures": 1, "replays": 1} and calls == [2] * 4  # 3 warm-ups on the side stream + capture
     want, want_order = ref.encode_images_with_order(pixels[:2])
     assert (emb - want).abs().max().item() <= TOL and torch.equal(order, want_order)
-    _, static_in, static_out = enc._graphs[("image", 2)]
+    _, static_in, static_out = enc._graphs._graphs[("image", 2)]
     assert emb.data_ptr() != static_out[0].data_ptr() and order.data_ptr() != static_out[1].data_ptr()
     enc.encode_images(pixels[2:4])  # same key: replayed, the new pixels copied into the static buffer
     assert log == {"captures": 1, "replays": 2} and len(calls) == 4
     assert torch.equal(static_in[0], pixels[2:4])
     enc.encode_texts(tokenize(CAPTIONS[:2]))
     enc.encode_texts(tokenize(CAPTIONS[2:]))  # another length bucket: another graph
-    assert log["captures"] == 3 and set(enc._graphs) == {("image", 2), ("text", 2, 8), ("text", 2, 77)}
+    assert log["captures"] == 3 and set(enc._graphs._graphs) == {("image", 2), ("text", 2, 8), ("text", 2, 77)}
