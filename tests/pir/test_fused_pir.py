@@ -195,3 +195,17 @@ def test_one_cuda_graph_per_batch_and_caption_length(pir, monkeypatch):
     assert log == {"captures": 2, "replays": 3}
     assert set(enc._graphs._graphs) == {("text", 2, a.shape[1]), ("text", 2, b.shape[1])}
     assert torch.equal(enc._graphs._graphs[("text", 2, a.shape[1])][1][0], a[[1, 0]])
+
+
+@pytest.mark.gpu
+def test_model_dispatches_the_filter_kernel_and_compiles_whole_on_cuda(pir):
+    """On a GPU the PIR model itself runs VIR's filter kernel (as PriorCLIP runs its gate kernel), and
+    torch.compile(fullgraph=True) traces the op without a graph break; fp32 keeps the reference's order."""
+    model = copy.deepcopy(pir).cuda()
+    x = _pixels(3, 7).cuda()
+    with torch.no_grad():
+        want, want_order = model.encode_image_with_order(x, kernels="reference")
+        got, order = model.encode_image_with_order(x)
+        compiled, compiled_order = torch.compile(model.encode_image_with_order, fullgraph=True)(x)
+    for emb, o in ((got, order), (compiled, compiled_order)):
+        assert (emb - want).abs().max().item() <= 1e-5 and torch.equal(o, want_order)
