@@ -19,7 +19,8 @@ Backends (:data:`BACKENDS`):
 ``tensorrt``       ``priorclip.export`` TensorRT engine (only where the ``tensorrt`` module is importable)
 ``fused``          :class:`~priorclip.serve.fused.FusedEncoder`: real fp16/bf16 weights, BN folded, fused stem+gate
                    kernel, exact pruning of the last blocks, text length buckets, CUDA graphs on GPU; ``fp8``: the
-                   image path's large GEMMs in e4m3 with calibrated scales (:mod:`priorclip.serve.fp8`)
+                   image path's large GEMMs in e4m3 with calibrated scales (:mod:`priorclip.serve.fp8`); PIR models:
+                   :class:`~priorclip.serve.fused_pir.FusedPIREncoder` (the PAE kernels)
 =================  =====================================================================================
 
 Text length: the eager model cuts each text batch to its longest caption (``PriorCLIP.trim_text``, exact but
