@@ -78,8 +78,6 @@ class FusedPIREncoder(GraphedImageEncoder):
         self.image_size = cfg.vision.image_size
         self.context_length = cfg.text.context_length
         self.embed_dim = cfg.embed_dim
-        self.filter_size = cfg.filter_size
-        self.mask_padding = cfg.mask_padding
 
         self.swin = _module(model.vision_encoder, dev, dtype)
         self.bert = _module(model.text_encoder, dev, dtype)
@@ -103,12 +101,12 @@ class FusedPIREncoder(GraphedImageEncoder):
         v = F.linear(self.swin(pixels), self.vision_proj.weight, self.vision_proj.bias)  # [B, 50, E]
         instr = F.linear(self.prior(pixels.contiguous(memory_format=torch.channels_last)), self.conv_proj.weight,
                          self.conv_proj.bias)  # [B, E]
-        local, order = vir(v, instr, self.vir, self.filter_size)
+        local, order = vir(v, instr, self.vir, self.config.filter_size)
         feats = v[:, 0] + F.linear(local, self.head_img.weight, self.head_img.bias)
         return F.normalize(feats.float(), dim=-1), order
 
     def _text_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor]:
-        pad = tokens == PAD_ID if self.mask_padding else None
+        pad = tokens == PAD_ID if self.config.mask_padding else None
         hidden = self.bert(tokens, attention_mask=None if pad is None else ~pad)
         t = F.linear(hidden, self.text_proj.weight, self.text_proj.bias)  # [B, L, E]
         feats = t[:, 0] + F.linear(lca(t, self.lca, pad), self.head_txt.weight, self.head_txt.bias)
@@ -126,7 +124,8 @@ class FusedPIREncoder(GraphedImageEncoder):
                 f"encode_texts expects integer token ids [B,1<=L<={ctx}], got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.shape[0] == 0:
             return torch.empty(0, self.embed_dim, device=self.device)
-        lo, hi, vocab = int(tokens.min()), int(tokens.max()), self.config.text.vocab_size
+        lo, hi = (int(v) for v in torch.aminmax(tokens))  # one pass, one sync
+        vocab = self.config.text.vocab_size
         if lo < 0 or hi >= vocab:  # checked here: the captured graph cannot read values
             raise ValueError(f"encode_texts: BERT token ids must be in [0, {vocab}), got range [{lo}, {hi}]")
         tokens = tokens.to(self.device, torch.int64)

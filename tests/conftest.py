@@ -95,3 +95,38 @@ def aid_rsicd():
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch) -> dict:
+    """torch.cuda's graph API replaced by recording stand-ins, so a fused engine's capture/replay path
+    (serve/cuda_graphs.py) runs without a GPU. A replay does not re-run the captured work: outputs stay the capture's.
+    Returns the counts {"captures", "replays"}; captures record the pool they were given under "pools"."""
+    from contextlib import contextmanager, nullcontext
+
+    log = {"captures": 0, "replays": 0, "pools": []}
+
+    class Graph:
+        def replay(self):
+            log["replays"] += 1
+
+    @contextmanager
+    def graph(g, pool=None):
+        assert isinstance(g, Graph)
+        log["captures"] += 1
+        log["pools"].append(pool)
+        yield
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    return log

@@ -154,35 +154,11 @@ def test_cuda_engine_runs_the_kernels_under_cuda_graphs(pir, precision):
 
 
 
-def test_one_cuda_graph_per_batch_and_caption_length(pir, monkeypatch):
-    """No GPU here: torch.cuda's graph API is replaced by recording stand-ins, so the capture/replay path runs. PIR's
-    texts run at their own length, so each (batch, length) is a graph of its own; a replay copies the new ids into
-    the graph's static input."""
-    from contextlib import contextmanager, nullcontext
-
-    log = {"captures": 0, "replays": 0}
-
-    class Graph:
-        def replay(self):
-            log["replays"] += 1
-
-    @contextmanager
-    def graph(g, pool=None):
-        log["captures"] += 1
-        yield
-
-    class Stream:
-        def __init__(self, device=None):
-            pass
-
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+def test_one_cuda_graph_per_batch_and_caption_length(pir, fake_cuda_graphs):
+    """No GPU here: torch.cuda's graph API is replaced by recording stand-ins (tests/conftest.py), so the
+    capture/replay path runs. PIR's texts run at their own length, so each (batch, length) is a graph of its own; a
+    replay copies the new ids into the graph's static input."""
+    log = fake_cuda_graphs
     enc = FusedPIREncoder(pir, "cpu", torch.float32)
     enc._graphs.enabled = True
     pre = preprocess_for(pir.cfg)
@@ -192,7 +168,7 @@ def test_one_cuda_graph_per_batch_and_caption_length(pir, monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(enc.encode_texts(ids), pir.encode_text(ids), rtol=0, atol=2e-6)
     enc.encode_texts(a[[1, 0]])  # same (batch, length): replayed
-    assert log == {"captures": 2, "replays": 3}
+    assert (log["captures"], log["replays"]) == (2, 3)
     assert set(enc._graphs._graphs) == {("text", 2, a.shape[1]), ("text", 2, b.shape[1])}
     assert torch.equal(enc._graphs._graphs[("text", 2, a.shape[1])][1][0], a[[1, 0]])
 

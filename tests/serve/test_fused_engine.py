@@ -9,7 +9,6 @@ no mask) moves the result by far more than that.
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -243,33 +242,10 @@ def test_empty_batches(fused):
     assert fused.encode_texts(torch.ones(0, 77, dtype=torch.long)).shape == (0, 32)
 
 
-def test_cuda_graph_bookkeeping_with_a_stand_in_for_torch_cuda(tiny, ref, pixels, monkeypatch):
+def test_cuda_graph_bookkeeping_with_a_stand_in_for_torch_cuda(tiny, ref, pixels, fake_cuda_graphs):
     """No GPU here: torch.cuda's graph API is replaced by stand-ins that record calls, so the capture/replay path runs
     (one warm-up + capture per key, inputs copied into the static buffers, outputs returned as clones)."""
-    log = {"captures": 0, "replays": 0}
-
-    class Graph:
-        def replay(self):
-            log["replays"] += 1
-
-    @contextmanager
-    def graph(g, pool=None):
-        assert isinstance(g, Graph) and pool == "pool"
-        log["captures"] += 1
-        yield
-
-    class Stream:
-        def __init__(self, device=None):
-            pass
-
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: nullcontext())
+    log = fake_cuda_graphs
     enc = FusedEncoder(tiny, "cpu", torch.float32)
     enc._graphs.enabled, enc._graphs._pool = True, "pool"
     calls = []
@@ -277,13 +253,13 @@ def test_cuda_graph_bookkeeping_with_a_stand_in_for_torch_cuda(tiny, ref, pixels
     enc._image_forward = lambda x: calls.append(x.shape[0]) or forward(x)
 
     emb, order = enc.encode_images_with_order(pixels[:2])
-    assert log == {"captures": 1, "replays": 1} and calls == [2] * 4  # 3 warm-ups on the side stream + capture
+    assert (log["captures"], log["replays"]) == (1, 1) and log["pools"] == ["pool"] and calls == [2] * 4  # 3 warm-ups on the side stream + capture
     want, want_order = ref.encode_images_with_order(pixels[:2])
     assert (emb - want).abs().max().item() <= TOL and torch.equal(order, want_order)
     _, static_in, static_out = enc._graphs._graphs[("image", 2)]
     assert emb.data_ptr() != static_out[0].data_ptr() and order.data_ptr() != static_out[1].data_ptr()
     enc.encode_images(pixels[2:4])  # same key: replayed, the new pixels copied into the static buffer
-    assert log == {"captures": 1, "replays": 2} and len(calls) == 4
+    assert (log["captures"], log["replays"]) == (1, 2) and len(calls) == 4
     assert torch.equal(static_in[0], pixels[2:4])
     enc.encode_texts(tokenize(CAPTIONS[:2]))
     enc.encode_texts(tokenize(CAPTIONS[2:]))  # another length bucket: another graph
