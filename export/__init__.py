@@ -27,6 +27,9 @@ _EXPORTS = {
     "TOLERANCES": ".parity",
     "Tolerance": ".parity",
     "parity_report": ".parity",
+    "export_triton_repo": ".triton_repo",
+    "TritonOptions": ".triton_repo",
+    "validate_repository": ".triton_validate",
 }
 REQUIRED = ("onnx", "onnxscript", "onnxruntime")
 

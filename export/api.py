@@ -7,6 +7,7 @@ Directory layout (DESIGN.md, Export)::
     OUT/image_encoder.pt2   text_encoder.pt2                                --format aoti
     OUT/calibration.json    (int8: per-tensor ranges and scales)
     OUT/manifest.json       OUT/parity.json   OUT/parity.md
+    OUT/selftest.npz        (probes and their fp32 reference embeddings: the service's load-time self-test)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from . import fp16 as _fp16
 from . import quantize as _q
 from .graph import check_model, load_model, op_counts, save_model
 from .onnx_export import OPSET, export_onnx_fp32, io_spec
+from .selftest import write_selftest
 
 FORMATS = ("onnx", "trt", "aoti")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -293,6 +295,8 @@ def export_model(model, out_dir: str | Path, format: str = "onnx", precision: st
             manifest["opset"] = None
             manifest["aoti"] = {"device": torch.device(device).type, "precision": precision}
         manifest["files"] = {t: p.name for t, p in files.items()}
+        # in every export (each format and precision, and the manifest a trt export without TensorRT writes early)
+        manifest["selftest"] = write_selftest(model, out_dir)
 
         if format == "trt":
             from . import tensorrt as _trt

@@ -7,6 +7,8 @@ Examples::
         --calib-data ../shared/data/aid-rsicd/dataset_rsicd_aid.json \\
         --parity-data ../shared/data/aid-rsicd/dataset_rsicd_aid.json --out out/int8
     priorclip-export --checkpoint ckpt.pt --format trt --precision fp16 --out out/trt-fp16
+    priorclip-export --checkpoint ckpt.pt --format triton-repo --precision fp16 --triton-accelerator tensorrt \\
+        --out models/    # an NVIDIA Triton model repository (export/README.md, Triton model repository)
 
 User mistakes end as one ``Error: ...`` line and a non-zero exit.
 """
@@ -121,11 +123,29 @@ def load_parity_set(parity_data: Path | None, image_root: Path | None, split: st
 GENERATED_PARITY_IMAGES = 64
 
 
+def _triton_options(fmt: str, precision: str, max_batch: int, int8_target: str | None, given: dict):
+    """The ``--triton-*`` options as checked :class:`~.triton_repo.TritonOptions` (None for other formats, where
+    giving one is an error)."""
+    set_ = {k: v for k, v in given.items() if v is not None}
+    if fmt != "triton-repo":
+        if set_:
+            raise PriorCLIPError(f"--{next(iter(set_)).replace('_', '-')} applies only to --format triton-repo")
+        return None
+    from .triton_repo import TritonOptions, parse_batch_list, resolve_options
+
+    if "triton_preferred_batch" in set_:
+        set_["triton_preferred_batch"] = parse_batch_list(set_["triton_preferred_batch"])
+    options = TritonOptions(**{k.removeprefix("triton_"): v for k, v in set_.items()})  # --triton-x is field x
+    return resolve_options(options, precision, max_batch, int8_target)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @model_options
-@click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx|trt|aoti",
+@click.option("--format", "fmt", default="onnx", show_default=True, metavar="onnx|trt|aoti|triton-repo",
               help="onnx: ONNX graphs (ONNX Runtime, TensorRT). trt: the same ONNX plus strongly typed TensorRT "
-              "engines (needs tensorrt). aoti: torch AOTInductor packages (run where TensorRT does not).")
+              "engines (needs tensorrt). aoti: torch AOTInductor packages (run where TensorRT does not). "
+              "triton-repo: an NVIDIA Triton model repository (ONNX encoders with dynamic batching, Python-backend "
+              "preprocessing and tokenizer, ensembles), validated against Triton's model-config schema.")
 @click.option("--precision", default="fp32", show_default=True, metavar="fp32|fp16|int8",
               help="fp16: fp16 weights/activations, norms and softmax in fp32. int8: explicit Q/DQ from calibration.")
 @click.option("--calib-data", type=click.Path(path_type=Path), default=None,
@@ -169,11 +189,28 @@ GENERATED_PARITY_IMAGES = 64
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@click.option("--triton-instances", type=click.IntRange(min=1), default=None,
+              help="triton-repo: instances of each encoder (instance_group count). [default: 1]")
+@click.option("--triton-kind", type=click.Choice(["gpu", "cpu"]), default=None,
+              help="triton-repo: encoder instance kind. [default: gpu]")
+@click.option("--triton-preferred-batch", default=None, metavar="N,N,...",
+              help="triton-repo: the encoders' dynamic-batching preferred batch sizes (each <= --max-batch). "
+              "[default: 8,32,64 capped at --max-batch]")
+@click.option("--triton-max-queue-delay-us", type=click.IntRange(min=0), default=None,
+              help="triton-repo: longest wait (µs) for a fuller batch. [default: 2000]")
+@click.option("--triton-accelerator", type=click.Choice(["none", "tensorrt", "tensorrt-plan"]), default=None,
+              help="triton-repo: tensorrt runs the encoders through ONNX Runtime's TensorRT execution provider "
+              "(engines built on the serving GPU; fp32/fp16). [default: none]")
+@click.option("--triton-preprocess-instances", type=click.IntRange(min=1), default=None,
+              help="triton-repo: CPU instances of the image preprocess and tokenizer models. [default: 4]")
+@click.option("--triton-text-bucket", type=click.IntRange(min=0), default=None,
+              help="triton-repo, PriorCLIP: pad each text request to a multiple of N tokens (exact), so requests of "
+              "similar length batch together; 0 = its longest caption. PIR's padding is never changed. [default: 16]")
 @user_errors
 def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method, int8_target, calib_split,
          calib_images, calib_captions, keep_fp, fp16_keep, parity_data, parity_split, parity_images, image_root,
          no_parity, max_batch, opset,
-         device, force, out_dir, quiet) -> None:
+         device, force, out_dir, quiet, **triton) -> None:
     """Export the image and text encoders of a PriorCLIP or PIR model with a manifest and a parity report against
     fp32 PyTorch."""
     from . import require_export_dependencies
@@ -184,12 +221,13 @@ def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method,
     from .onnx_export import OPSET
     from .quantize import METHODS, TARGETS
 
-    for opt, value, allowed in (("--format", fmt, FORMATS), ("--precision", precision, PRECISIONS),
+    for opt, value, allowed in (("--format", fmt, FORMATS + ("triton-repo",)), ("--precision", precision, PRECISIONS),
                                 ("--calib-method", calib_method, METHODS),
                                 ("--int8-target", int8_target or TARGETS[0], TARGETS)):
         if value not in allowed:
             raise PriorCLIPError(f"{opt} {value!r} is not one of: {', '.join(allowed)}")
 
+    triton_options = _triton_options(fmt, precision, max_batch, int8_target, triton)
     if checkpoint is not None and not checkpoint.is_file():
         raise PriorCLIPError(f"checkpoint not found: {checkpoint}")
     check_output_dir(out_dir, option="--out")  # before calibration, parity set and model: nothing is created yet
@@ -209,12 +247,17 @@ def main(model_name, checkpoint, gate, fmt, precision, calib_data, calib_method,
             click.echo(f"parity set: {origin}; {parity_set.describe()['coverage']}", err=True)
     model = build_model(model_name, checkpoint, gate)
     command = " ".join(shlex.quote(a) for a in ["priorclip-export", *sys.argv[1:]])
-    result = export_model(model, out_dir, fmt, precision, calib=calib, calib_method=calib_method,
-                          max_batch=max_batch, opset=opset or OPSET, parity_set=parity_set, force=force,
-                          progress=not quiet, keep_fp=keep_fp or None, device=device, checkpoint=checkpoint,
-                          fp16_keep_patterns=(default_keeps(model.cfg.family)[1] + tuple(fp16_keep)) if fp16_keep
-                          else None,
-                          command=command, int8_target=int8_target)
+    common = dict(calib=calib, calib_method=calib_method, opset=opset or OPSET, parity_set=parity_set, force=force,
+                  keep_fp=keep_fp or None, device=device, checkpoint=checkpoint,
+                  fp16_keep_patterns=(default_keeps(model.cfg.family)[1] + tuple(fp16_keep)) if fp16_keep else None,
+                  command=command, int8_target=int8_target)
+    if fmt == "triton-repo":
+        from .triton_repo import export_triton_repo
+
+        result = export_triton_repo(model, out_dir, precision, triton_options, max_batch=max_batch,
+                                    progress=not quiet, **common)
+    else:
+        result = export_model(model, out_dir, fmt, precision, max_batch=max_batch, progress=not quiet, **common)
     if quiet and result.parity is not None:
         from .parity import format_parity_table
 

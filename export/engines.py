@@ -569,11 +569,12 @@ def open_engine(export_dir: str | Path, device: str = "cpu", provider: str | Non
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     fmt = manifest.get("format")
-    unsupported = sorted(set(kwargs) - set(ONNX_OPTIONS if fmt == "onnx" else ()))
-    if unsupported and fmt in ("onnx", "aoti", "trt"):
+    onnx_graphs = fmt in ("onnx", "triton-repo")  # a Triton repository's manifest points at its model.onnx files
+    unsupported = sorted(set(kwargs) - set(ONNX_OPTIONS if onnx_graphs else ()))
+    if unsupported and fmt in ("onnx", "aoti", "trt", "triton-repo"):
         raise PriorCLIPError(f"open_engine: option {', '.join(unsupported)} does not apply to this {fmt} export "
                              f"({export_dir}); only ONNX exports take options ({', '.join(ONNX_OPTIONS)})")
-    if fmt == "onnx":
+    if onnx_graphs:
         return OnnxEngine(export_dir, manifest, device, provider, **kwargs)
     if fmt == "aoti":
         return AotiEngine(export_dir, manifest, device)

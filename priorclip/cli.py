@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +36,7 @@ PROTOCOLS = ("priorclip", "pir")  # priorclip.data.PROTOCOLS, spelled here so --
     lazy={
         "train": ("priorclip.training.cli:train", "Train PriorCLIP (contrastive + affiliation loss)."),
         "train-prior": ("priorclip.training.cli:train_prior", "Train the ResNet prior as a scene classifier."),
+        "index": ("priorclip.serve.index_cli:index", "Build, extend, inspect and search a vector index (FAISS)."),
     },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
@@ -97,37 +100,142 @@ def _encoder(model_name, checkpoint, gate, device, precision):
     return TorchEncoder(model, resolve_device(device), getattr(torch, PRECISIONS[precision]))
 
 
+def _parse_shard(ctx, param, value: str | None) -> tuple[int, int] | None:
+    from priorclip.shards import parse_shard
+
+    if value is None:
+        return None
+    try:
+        return parse_shard(value)
+    except PriorCLIPError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+
+
+@dataclass(frozen=True)
+class _EmbedOutputs:
+    npy: Path
+    index: Path
+    meta: Path
+    skipped: Path
+
+
+def _embed_outputs(out: Path) -> _EmbedOutputs:
+    """The exact files an embed run writes, checked before any work."""
+    npy = check_output_file(out, ".npy", option="--out")
+    beside = lambda suffix: check_output_file(npy.with_name(npy.stem + suffix), option="--out")  # noqa: E731
+    return _EmbedOutputs(npy, beside(".index.jsonl"), beside(".meta.json"), beside(".skipped.txt"))
+
+
+def _shard_out(out: str, shard: tuple[int, int] | None) -> Path:
+    """--out for --shards: a folder (existing, or written with a trailing slash) gets one file name per job, so every
+    job of a fan-out can run the same command line."""
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        return Path(out) / (f"embeddings-{shard[0]:05d}-of-{shard[1]:05d}.npy" if shard else "embeddings.npy")
+    return Path(out)
+
+
+def _embedding_meta(enc, checkpoint: Path | None, kind: str, emb, precision: str, shard: tuple[int, int] | None,
+                    sources: list, skipped: int) -> dict:
+    """<out>.meta.json: what a merge needs to trust the rows (the model's identity first: vectors of other weights
+    share no space with these)."""
+    from priorclip.provenance import EMBEDDINGS_FORMAT, checkpoint_sha256, engine_identity
+
+    return {
+        "format": EMBEDDINGS_FORMAT,
+        "kind": kind,
+        "count": int(emb.shape[0]),
+        "embed_dim": int(emb.shape[1]),
+        "identity": engine_identity(enc.config, checkpoint_sha256(checkpoint)),
+        "precision": precision,
+        "device": str(enc.device),
+        "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+        "sources": [str(s) for s in sources],
+        "skipped": skipped,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_embeddings(outs: _EmbedOutputs, emb, index: list[dict], meta: dict, skipped: list[str],
+                      summary: str = "") -> None:
+    """Write the matrix, its index and its meta (last: a complete run's mark), each atomically, and the list of what
+    was left out (``summary`` counts it), or remove an earlier run's list, which would now describe nothing."""
+    import numpy as np
+
+    write_npy(outs.npy, np.asarray(emb, dtype=np.float32))
+    write_text(outs.index, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index))
+    write_json(outs.meta, meta)
+    click.echo(f"wrote {outs.npy} {tuple(emb.shape)}, {outs.index} and {outs.meta}")
+    if skipped:
+        write_text(outs.skipped, "\n".join(skipped) + "\n")
+        click.echo(f"wrote {outs.skipped}: {summary}, one per line with the reason", err=True)
+    elif outs.skipped.exists():
+        outs.skipped.unlink()
+
+
 @main.command()
 @model_options
 @click.option("--images", type=click.Path(path_type=Path), help="Folder of images to embed (files directly inside).")
 @click.option("--captions", type=click.Path(path_type=Path), help="Captions to embed: a .txt (one per line) or a JSON list.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .npy; the index goes to <out>.index.jsonl.")
+@click.option("--shards", "shard_patterns", multiple=True, metavar="PATTERN", help="Webdataset tars to embed: a path, a glob, brace notation ('d/train-{0000..0127}.tar', quoted) or a folder of tars; repeatable.")
+@click.option("--shard", callback=_parse_shard, metavar="I/N", help="With --shards: embed only job I's share of N (0 <= I < N): the sorted shards at positions I, I+N, I+2N, ...")
+@click.option("--out", required=True, type=click.Path(), help="Output .npy; beside it <out>.index.jsonl and <out>.meta.json. With --shards, a folder (or a path ending in /) gets embeddings-IIIII-of-NNNNN.npy.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in <out>.skipped.txt) instead of stopping.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images, samples or shards (listed in <out>.skipped.txt) instead of stopping.")
 @_device_option
 @_precision_option
-def embed(model_name, checkpoint, gate, images, captions, out, batch_size, skip_bad, device, precision) -> None:
-    """Embed a folder of images or a file of captions into an .npy matrix plus an index file.
+def embed(model_name, checkpoint, gate, images, captions, shard_patterns, shard, out, batch_size, skip_bad, device,
+          precision) -> None:
+    """Embed a folder of images, a file of captions or webdataset shards into an .npy matrix plus index and meta.
 
-    Row i of the .npy (float32 [N, embed_dim], L2-normalised) is described by line i of <out>.index.jsonl.
+    Writes <out>.npy (float32 [N, embed_dim], L2-normalised), <out>.index.jsonl (line i describes row i) and
+    <out>.meta.json (format priorclip-embeddings/1: kind image or text, count, the model's identity, --shard, the
+    sources), each atomically; 'priorclip index build/add --embeddings <out>.npy' reads them.
 
     Images: every format PIL reads (JPEG, PNG, TIFF, GIF, WebP, ...); other files in the folder are left out and
     named in <out>.skipped.txt. A multi-page TIFF or animated GIF is embedded from its first page (page 0; a note
     names them). Images over the pixel limit ($PRIORCLIP_MAX_PIXELS, default 268 Mpx, read from the header) or that
     fail to decode end the run with one line, or with --skip-bad are listed in <out>.skipped.txt with the reason.
+
+    Shards (--shards, webdataset tars, plain or compressed; repeat it for several patterns): tar members group into
+    samples by key, the member path up to the first dot of its base name. A sample's image is its member with an
+    image extension (jpg, jpeg, png, tif, tiff, webp first, RS5M's img_content, any format PIL reads), decoded
+    exactly as the same file in a folder; its captions, kept in the index, come from .txt or .caption (one per line)
+    and .json (a string, a list, or an object's "captions"/"caption"/"text"). Index lines: {"row", "key", "shard",
+    "member", "captions"}. Keys must be unique over the selected shards. A corrupt tar, a sample without an image and
+    a repeated key are found from the tar headers before the model loads; with --skip-bad the first two are left
+    out (<out>.skipped.txt: shard, key, reason; a tab between).
+
+    --shard I/N fans the work out over any scheduler: the shards the patterns match are sorted, and job I takes those
+    at positions I, I+N, I+2N, ... (whole shards: each job reads only its files), so N jobs running the same command
+    cover every sample exactly once and their outputs merge into one index. A job left without a shard (N larger
+    than the number of shards) writes empty outputs and says so.
+
+    \b
+    SLURM array:     sbatch --array=0-15 --wrap 'priorclip embed --shards "d/{0000..0127}.tar"
+                       --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT --out out/'
+                     (a 1-based array 1-16: --shard $((SLURM_ARRAY_TASK_ID - 1))/16)
+    Kubernetes:      an Indexed Job (completionMode: Indexed, completions: 16) whose container runs
+                       priorclip embed --shards ... --shard $(JOB_COMPLETION_INDEX)/16 --out /results/
+    Ray:             one task per i in range(16), each running the command with --shard {i}/16
     """
-    import numpy as np
+    modes = [name for name, value in (("--images", images), ("--captions", captions), ("--shards", shard_patterns))
+             if value]
+    if len(modes) != 1:
+        raise PriorCLIPError("give exactly one of --images DIR, --captions FILE or --shards PATTERN"
+                             + (f" (got {' and '.join(modes)})" if modes else ""))
+    if shard is not None and not shard_patterns:
+        raise PriorCLIPError("--shard I/N splits --shards: give the shard pattern(s) with --shards")
+    if shard_patterns:
+        _embed_shards(model_name, checkpoint, gate, shard_patterns, shard, out, batch_size, skip_bad, device, precision)
+        return
 
-    from priorclip.data import list_images, read_captions
+    from priorclip.data import check_images, list_images, read_captions
     from priorclip.retrieval import embed_images, embed_texts
-    from priorclip.transforms import check_image
 
-    if (images is None) == (captions is None):
-        raise PriorCLIPError("give exactly one of --images DIR or --captions FILE")
     # the exact files written, checked before any work; each is written atomically (never half a file under its name)
-    out = check_output_file(out, ".npy", option="--out")
-    index_path = check_output_file(out.with_name(out.stem + ".index.jsonl"), option="--out")
-    skipped_path = check_output_file(out.with_name(out.stem + ".skipped.txt"), option="--out")
+    outs = _embed_outputs(Path(out))
     skipped: list[str] = []
     n_not_images = 0
     if images is not None:
@@ -139,46 +247,74 @@ def embed(model_name, checkpoint, gate, images, captions, out, batch_size, skip_
             click.echo(f"note: left out {_count(len(listing.skipped), 'file')} that PIL does not read as images ({names})",
                        err=True)
         enc = _encoder(model_name, checkpoint, gate, device, precision)
-        # every image is checked before the first batch: from its header (format, pixel limit, pages), and with
-        # --skip-bad decoded as embedding will decode it, so the matrix rows and the index stay aligned
-        paths, multi, pages = [], [], {}
-        for p in listing.files:
-            try:
-                info = check_image(p, decode=skip_bad, draft_size=enc.image_size)
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                skipped.append(f"{p}\t{e}")
-                continue
-            paths.append(p)
-            if info.pages > 1:
-                multi.append(f"{p.name} ({info.pages})")
-                pages[p] = info.pages
-        if multi:
-            click.echo(f"note: {len(multi)} images have several pages or frames; page 0 of each is embedded: "
-                       + ", ".join(multi[:5]) + (", ..." if len(multi) > 5 else ""), err=True)
-        if not paths:
-            first = skipped[len(listing.skipped)].replace("\t", ": ", 1)
-            raise DataError(f"none of the {len(listing.files)} images in {images} could be read, e.g. {first}")
+        checked = check_images(listing.files, skip_bad, enc.image_size)
+        skipped += [f"{p}\t{reason}" for p, reason in checked.bad]
+        if note := checked.multi_page_note():
+            click.echo(note, err=True)
+        paths, pages = checked.paths, checked.pages
         emb = embed_images(enc, paths, batch_size)
         index = [{"row": i, "image": str(p), **({"page": 0, "pages": pages[p]} if p in pages else {})}
                  for i, p in enumerate(paths)]
+        kind, source = "image", images
     else:
         caps = read_captions(captions)
         enc = _encoder(model_name, checkpoint, gate, device, precision)
         _check_cleanable(enc.config, caps, captions)
         emb = embed_texts(enc, caps, batch_size)
         index = [{"row": i, "caption": c} for i, c in enumerate(caps)]
-    write_npy(out, emb.numpy().astype(np.float32))
-    write_text(index_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in index))
-    click.echo(f"wrote {out} {tuple(emb.shape)} and {index_path}")
-    if skipped:
-        write_text(skipped_path, "\n".join(skipped) + "\n")
-        bad = len(skipped) - n_not_images
-        click.echo(f"wrote {skipped_path}: {_count(len(skipped), 'file')} left out ({_count(bad, 'unreadable image')}, "
-                   f"{_count(n_not_images, 'other file')}), one per line with the reason", err=True)
-    elif skipped_path.exists():  # this output's list from an earlier run would now describe nothing
-        skipped_path.unlink()
+        kind, source = "text", captions
+    emb = emb.numpy()
+    meta = _embedding_meta(enc, checkpoint, kind, emb, precision, None, [source], len(skipped))
+    bad = _count(len(skipped) - n_not_images, "unreadable image")
+    _write_embeddings(outs, emb, index, meta, skipped,
+                      f"{_count(len(skipped), 'file')} left out ({bad}, {_count(n_not_images, 'other file')})")
+
+
+def _embed_shards(model_name, checkpoint, gate, patterns, shard, out, batch_size, skip_bad, device, precision) -> None:
+    """``embed --shards``: select, scan (headers only, before the model loads), then stream and embed."""
+    from priorclip.shards import embed_samples, expand_shards, iter_samples, scan_shards, select_shards
+
+    matched = expand_shards(patterns)
+    selected = select_shards(matched, *shard) if shard else matched
+    outs = _embed_outputs(_shard_out(out, shard))
+    if not selected:
+        click.echo(f"note: --shard {shard[0]}/{shard[1]} has no shard to embed: the patterns match "
+                   f"{_count(len(matched), 'shard')}, so jobs {len(matched)}..{shard[1] - 1} have none; writing "
+                   f"empty outputs", err=True)
+    scan = scan_shards(selected, skip_bad)
+    if selected and not scan.shards:
+        raise DataError(f"none of the {_count(len(selected), 'selected shard')} could be read, e.g. "
+                        f"{scan.unreadable[0][1]}")
+    if scan.ignored:
+        click.echo(f"note: {_count(scan.ignored, 'tar member')} without a key.extension name ignored (as webdataset "
+                   f"ignores them)", err=True)
+    if scan.several_images:
+        click.echo(f"note: {_count(scan.several_images, 'sample')} hold several images; the preferred one of each is "
+                   f"embedded (the index names it: 'member')", err=True)
+    click.echo(f"{_count(scan.samples, 'sample')} in {_count(len(scan.shards), 'shard')}"
+               + (f" (job {shard[0]} of {shard[1]}: {len(selected)} of the {len(matched)} shards matched)"
+                  if shard else ""), err=True)
+    enc = _encoder(model_name, checkpoint, gate, device, precision)
+    samples = (s for path in scan.shards for s in iter_samples(path))
+    res = embed_samples(enc, samples, batch_size, skip_bad, total=scan.samples)
+    if res.multi_page:
+        click.echo(f"note: {_count(len(res.multi_page), 'image')} have several pages or frames; page 0 of each is "
+                   f"embedded: " + ", ".join(res.multi_page[:5]) + (", ..." if len(res.multi_page) > 5 else ""),
+                   err=True)
+    skipped = [_tsv(path, "", reason) for path, reason in scan.unreadable]
+    skipped += [_tsv(b.shard, b.key, b.reason) for b in res.skipped]
+    if scan.samples and not res.rows:
+        first = res.skipped[0]
+        raise DataError(f"none of the {_count(scan.samples, 'sample')} could be embedded, e.g. {first.shard}: "
+                        f"sample {first.key!r}: {first.reason}")
+    meta = _embedding_meta(enc, checkpoint, "image", res.embeddings, precision, shard, scan.shards, len(skipped))
+    _write_embeddings(outs, res.embeddings, res.rows, meta, skipped,
+                      f"{_count(len(res.skipped), 'sample')} and {_count(len(scan.unreadable), 'unreadable shard')} "
+                      f"left out")
+
+
+def _tsv(*fields: str) -> str:
+    return "\t".join(" ".join(f.split()) if f else "" for f in fields)  # a field never holds a tab or a newline
 
 
 def _check_cleanable(cfg, caps: list[str], source: Path) -> None:

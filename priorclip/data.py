@@ -309,6 +309,48 @@ def list_images(folder: str | Path) -> ImageListing:
     return ImageListing(files, skipped)
 
 
+@dataclass
+class CheckedImages:
+    """What :func:`check_images` found: the readable images, the page count of multi-page ones (page 0 is embedded)
+    and the unreadable ones with the reason."""
+
+    paths: list[Path]
+    pages: dict[Path, int] = field(default_factory=dict)
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+
+    def multi_page_note(self, name=lambda p: Path(p).name) -> str | None:
+        """The one-line note every tool prints for multi-page files (None when there are none)."""
+        if not self.pages:
+            return None
+        multi = [f"{name(p)} ({n})" for p, n in self.pages.items()]
+        return (f"note: {len(multi)} images have several pages or frames; page 0 of each is embedded: "
+                + ", ".join(multi[:5]) + (", ..." if len(multi) > 5 else ""))
+
+
+def check_images(paths: Sequence[str | Path], skip_bad: bool, draft_size: int) -> CheckedImages:
+    """The check every embedding tool makes before its first batch (``priorclip embed``, ``priorclip index``): each
+    image's header (format, pixel limit, pages), and with ``skip_bad`` a full decode as embedding will decode it, so
+    no batch fails half-way and rows stay aligned with their files. Without ``skip_bad`` the first unreadable file
+    raises :class:`DataError`; with it, it is listed in ``bad``, and if none is readable :class:`DataError` says so."""
+    from priorclip.transforms import check_image
+
+    out = CheckedImages([])
+    for p in paths:
+        try:
+            info = check_image(p, decode=skip_bad, draft_size=draft_size)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            out.bad.append((Path(p), str(e)))
+            continue
+        out.paths.append(p)
+        if info.pages > 1:
+            out.pages[p] = info.pages
+    if not out.paths and out.bad:
+        raise DataError(f"none of the {len(out.bad)} images could be read, e.g. {out.bad[0][0]}: {out.bad[0][1]}")
+    return out
+
+
 def read_captions(path: str | Path) -> list[str]:
     """Captions from a text file (one per non-empty line) or a JSON list of strings."""
     path = Path(path)

@@ -11,3 +11,7 @@ class CheckpointError(PriorCLIPError):
 
 class DataError(PriorCLIPError):
     """A dataset, image folder, caption file or image that cannot be used."""
+
+
+class ImageTooLarge(DataError):
+    """An image whose declared (or decoded) size is over the pixel limit: refused before its pixels are decoded."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from priorclip.errors import DataError, PriorCLIPError
+from priorclip.errors import DataError, ImageTooLarge, PriorCLIPError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -88,9 +88,9 @@ def _lift_pil_guard(limit: int) -> None:
             Image.MAX_IMAGE_PIXELS = None if limit == 0 else limit
 
 
-def _too_big(name: str, pixels: int, limit: int, size: tuple[int, int] | None = None) -> DataError:
+def _too_big(name: str, pixels: int, limit: int, size: tuple[int, int] | None = None) -> ImageTooLarge:
     dims = f"{size[0]}x{size[1]} = " if size else ""
-    return DataError(f"image {name} declares {dims}{pixels:,} pixels ({pixels / 1e6:.0f} Mpx) in its header, over the "
+    return ImageTooLarge(f"image {name} declares {dims}{pixels:,} pixels ({pixels / 1e6:.0f} Mpx) in its header, over the "
                      f"limit of {limit:,} ({limit / 1e6:.0f} Mpx); if it is a real image, raise the limit with "
                      f"{MAX_PIXELS_ENV}=<pixels> (0: no limit)")
 
@@ -152,7 +152,7 @@ def _decode(img: ImageFile.ImageFile, name: str, draft_size: int | None) -> Imag
         img.load()  # decode now, so truncated files fail here and not inside a batch
         return to_8bit(img)
     except Image.DecompressionBombError as e:  # a size that appears only while decoding (GIF frame extent)
-        raise DataError(f"image {name}: {e}") from None
+        raise ImageTooLarge(f"image {name}: {e}") from None
     except _DECODE_ERRORS as e:
         raise DataError(f"cannot decode image {name}: {e}") from None
 

@@ -1,11 +1,12 @@
 """Print the exact device calls of a GPU queue entry, after checking that everything they carry is staged and fits.
 
-    python benchmarks/gpu/calls.py 1|2|3|4|5|6 [--revision SHA]
+    python benchmarks/gpu/calls.py 1|2|3|4|5|6|7 [--revision SHA]
 
 One JSON object per call (``carry``, ``command``, ``timeout_s``), in order, ready for the device tool's ``run``,
 each after a comment line with the MiB it sends; the revision is filled in (``.git`` does not travel). This is the
 one place that spells the calls out (the scripts' headers and the README point here). Checks, with one ``Error:``
-line each: the ftfy/wcwidth wheels in ``.whl/``, the staged folders the entry carries, every call's size (the working
+line each: the ftfy/wcwidth wheels in ``.whl/`` (entry 7: also the service's wheels and hey in ``.whl/serve/``), the
+staged folders the entry carries, every call's size (the working
 tree that travels plus its carries, at most 64 MiB) and every command's length (at most 2,000 characters).
 """
 
@@ -69,19 +70,41 @@ def plan(entry: str, rev: str) -> list[dict]:
         script = "q2-train.sh" if entry == "2" else "q5-pir.sh"
         return calls + [{"carry": [parts[-1], ".whl"], "command": env + f"bash benchmarks/gpu/{script}",
                          "timeout_s": RUN_TIMEOUT_S}]
-    if entry == "3":
+    if entry in ("3", "7"):  # onnxruntime-gpu's parts first; entry 7 also runs the fused engine and the service
         chunks = _folders("chunk")
         if not chunks or not (ROOT / chunks[-1] / "names.txt").is_file():
             raise SystemExit("Error: no onnxruntime-gpu parts (.chunk*/names.txt): run "
                              "../shared/tools/wheel-chunks onnxruntime-gpu==1.31.1")
-        calls = [_copy_call(c, "/tmp/chunks") for c in chunks[:-1]]  # q3-ort-cuda.sh's CHUNKS_DIR
-        return calls + [{"carry": [chunks[-1], ".bench-data", ".whl"], "command": env + "bash benchmarks/gpu/q3-ort-cuda.sh",
+        calls = [_copy_call(c, "/tmp/chunks") for c in chunks[:-1]]  # the scripts' CHUNKS_DIR
+        script = "q3-ort-cuda.sh" if entry == "3" else "q7-serve.sh"
+        return calls + [{"carry": [chunks[-1], ".bench-data", ".whl"], "command": env + f"bash benchmarks/gpu/{script}",
                          "timeout_s": RUN_TIMEOUT_S}]
     if entry in ("4", "6"):  # one call on the carried slice, as entry 1
         script = "q4-autotune.sh" if entry == "4" else "q6-pae.sh"
         return [{"carry": [".bench-data", ".whl"], "command": env + f"bash benchmarks/gpu/{script}",
                  "timeout_s": RUN_TIMEOUT_S}]
-    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2, 3, 4, 5 or 6)")
+    raise SystemExit(f"Error: unknown entry {entry!r} (1, 2, 3, 4, 5, 6 or 7)")
+
+
+# Entry 7: what the GPU image lacks for priorclip-serve (fastapi and the packages it needs at versions the image does
+# not have), pinned to the versions the service is tested with here; the load tool hey travels gzip'd beside them.
+SERVE_WHEELS = ("fastapi==0.165.0", "starlette==1.10.0", "pydantic==2.14.4", "pydantic-core==2.50.5",
+                "annotated-types==0.8.0", "typing-inspection==0.4.5", "typing-extensions==4.16.0", "anyio==4.16.0",
+                "opentelemetry-api==1.45.2", "uvicorn==0.54.0", "python-multipart==0.0.34")
+
+
+def serve_errors(whl: Path) -> list[str]:
+    """Entry 7's staging: every wheel of SERVE_WHEELS and hey.gz in ``whl`` (.whl/serve)."""
+    errors = []
+    missing = [w for w in SERVE_WHEELS if not list(whl.glob(w.split("==")[0].replace("-", "_") + "-*.whl"))]
+    if missing:
+        errors.append(f"no {', '.join(missing)} wheel(s) in {whl.relative_to(ROOT) if whl.is_relative_to(ROOT) else whl}"
+                      "/: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation "
+                      f"cp --platform manylinux2014_x86_64 -d .whl/serve {' '.join(missing)}")
+    if not (whl / "hey.gz").is_file():
+        errors.append("no hey.gz in .whl/serve/: apt-get install hey; gzip -9 -c /usr/bin/hey > .whl/serve/hey.gz; "
+                      "dpkg-query -W -f='hey ${Version} (Debian package)' hey > .whl/serve/hey.version")
+    return errors
 
 
 def check(calls: list[dict]) -> tuple[list[str], list[float]]:
@@ -93,6 +116,8 @@ def check(calls: list[dict]) -> tuple[list[str], list[float]]:
             errors.append(f"no {name} wheel in .whl/: python3 -m pip download --no-deps --only-binary=:all: "
                           "--python-version 3.12 --implementation cp --platform manylinux2014_x86_64 -d .whl "
                           "ftfy==6.3.1 wcwidth==0.9.4")
+    if any("q7-serve.sh" in c["command"] for c in calls):
+        errors += serve_errors(whl / "serve")
     base = tree_bytes()
     for i, c in enumerate(calls, 1):
         size = base
@@ -114,7 +139,7 @@ def check(calls: list[dict]) -> tuple[list[str], list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("entry", choices=["1", "2", "3", "4", "5", "6"])
+    ap.add_argument("entry", choices=["1", "2", "3", "4", "5", "6", "7"])
     ap.add_argument("--revision", default=None, help="default: git rev-parse HEAD, +dirty with uncommitted changes")
     a = ap.parse_args(argv)
     calls = plan(a.entry, a.revision or git_revision(ROOT) or "unknown")

@@ -5,8 +5,11 @@ tests/training/test_train_aid_script.py."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import importlib.util
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -307,8 +310,8 @@ def test_calls_plans_one_call_entries(entry, script):
     assert call == {"carry": [".bench-data", ".whl"], "timeout_s": calls.RUN_TIMEOUT_S,
                     "command": f"PRIORCLIP_GIT_REVISION=abc bash benchmarks/gpu/{script}"}
     assert (GPU / script).is_file()
-    with pytest.raises(SystemExit, match=r"unknown entry '7' \(1, 2, 3, 4, 5 or 6\)"):
-        calls.plan("7", "abc")
+    with pytest.raises(SystemExit, match=r"unknown entry '8' \(1, 2, 3, 4, 5, 6 or 7\)"):
+        calls.plan("8", "abc")
 
 
 def test_q1_errors_are_one_line(slice_dir, tmp_path):
@@ -500,3 +503,96 @@ def test_calls_checks_sizes_and_staging(tmp_path, monkeypatch, capsys):
     assert any("call 2 would send 65.0 MiB" in e for e in errors)  # 62 + the 3 MiB tree: over 64
     assert any("no ftfy wheel" in e for e in errors) and any(".whl, which does not exist" in e for e in errors)
     assert sizes[0] == 53.0
+
+
+def _stage_hey(folder: Path) -> Path:
+    """.whl/serve as the README stages it, without the wheels (the CPU venv has the service's packages; the staged
+    pydantic-core is built for the GPU image's Python 3.12): hey gzip'd, and its version."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hey.gz").write_bytes(gzip.compress(Path(shutil.which("hey")).read_bytes()))
+    (folder / "hey.version").write_text("hey 0.1.4-2+b4 (Debian package)")
+    return folder
+
+
+@pytest.mark.skipif(shutil.which("hey") is None, reason="hey is not installed (apt-get install hey)")
+def test_q7_serve_dry_run(slice_dir, tmp_path):
+    """Entry 7 on CPU with the tiny model and its ONNX Runtime engine (the one with the most plumbing: the preflight,
+    one export served by --engine; tests/bench/test_serve_load.py runs a torch engine end to end): the carried hey
+    unpacked and used, the slice's median image and caption drawn, the report in the results."""
+    env = _env(tmp_path, DATA=slice_dir, NAMES="", SERVE_WHL=_stage_hey(tmp_path / "serve"),
+               Q7_ENGINES="onnxruntime:fp32", PRIORCLIP_GIT_REVISION="abc123",
+               SL_ARGS="--quick --concurrency 2 --no-cached-run --kinds text")
+    r, out, status = dry_run("q7-serve", env)
+    assert [(s["name"], s["state"]) for s in status["steps"]] == [
+        ("serve-wheels", "skipped"), ("ort-wheel", "skipped"), ("preflight", "ok"), ("serve-onnxruntime-fp32", "ok")]
+    assert "Q7_ENGINES=onnxruntime:fp32" in status["command"] and "q7-serve.sh" in status["command"]
+    assert "could not run" not in (status["steps"][-1]["note"] or "")  # a FAIL verdict may be named, not a failed run
+    files = _results(out, "q7-serve")
+    doc = _one(files, "results/serve-onnxruntime-fp32/serve-load-cpu-onnxruntime-", ".json")
+    assert doc["status"] == "done" and not doc["errors"] and doc["offline"]["engine"] == "onnxruntime/fp32"
+    assert [(x["kind"], x["concurrency"], x["cached"]) for x in doc["runs"]] == [("text", 2, False)]
+    assert doc["runs"][0]["ok"] == doc["runs"][0]["requested"] and doc["runs"][0]["service"]["items"] > 0
+    assert doc["servers"]["cache_off"]["command"].startswith("priorclip-serve --engine ")  # the export made offline
+    assert doc["inputs"]["chosen_by"] == "--dataset" and "6 images over 6" in doc["inputs"]["draw"]
+    hey = doc["environment"]["hey"]  # the carried binary: identified by its staged version and its digest
+    assert hey["version"] == "hey 0.1.4-2+b4 (Debian package)" and hey["path"].endswith("/bin/hey")
+    assert hey["sha256"] == hashlib.sha256(Path(shutil.which("hey")).read_bytes()).hexdigest()
+    assert doc["environment"]["git_revision"] == "abc123" and "queue entry 7" in doc["note"]
+    assert any(n.startswith("results/serve-onnxruntime-fp32/serve-load-") and n.endswith(".md") for n in files)
+    brief = r.stdout[r.stdout.rindex("# GPU queue entry"):]
+    assert len(brief) < 12_000 and "| serve-onnxruntime-fp32 | ok |" in brief
+
+
+@pytest.mark.skipif(_has_cuda_provider(), reason="onnxruntime here has a CUDA provider: nothing falls back")
+def test_q7_skips_onnxruntime_when_it_falls_back_to_cpu(slice_dir, tmp_path):
+    """No CUDA provider (here: no GPU at all): the ONNX Runtime engine is skipped with the reason, no time spent."""
+    env = _env(tmp_path, DATA=slice_dir, NAMES="", DEVICE="cuda", HEY=shutil.which("hey") or "/usr/bin/hey",
+               Q7_ENGINES="onnxruntime:fp16", SERVE_WHL=tmp_path / "empty")
+    r = subprocess.run(["bash", str(GPU / "q7-serve.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the preflight failed
+    status = json.loads((tmp_path / "out" / "q7-serve-status.json").read_text())
+    assert [(s["name"], s["state"]) for s in status["steps"]] == [
+        ("serve-wheels", "skipped"), ("ort-wheel", "skipped"), ("preflight", "failed"),
+        ("serve-onnxruntime-fp16", "skipped")]
+    assert "does not run on the cuda provider" in status["steps"][-1]["note"]
+
+
+def test_q7_needs_the_load_tool(slice_dir, tmp_path):
+    env = _env(tmp_path, DATA=slice_dir, SERVE_WHL=tmp_path / "empty")
+    env.pop("HEY", None)
+    r = subprocess.run(["bash", str(GPU / "q7-serve.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("Error: no load tool") and "hey.gz" in r.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything started
+
+
+def test_calls_plans_entry_7(tmp_path, monkeypatch):
+    """Entry 7: entry 3's part calls, then q7-serve.sh with the last part, the slice and .whl; staging checked."""
+    calls = _module("calls")
+    monkeypatch.setattr(calls, "ROOT", tmp_path)
+    monkeypatch.setattr(calls, "tree_bytes", lambda: 3 << 20)
+    with pytest.raises(SystemExit, match="wheel-chunks onnxruntime-gpu"):
+        calls.plan("7", "abc")
+    for i in (1, 2):
+        (tmp_path / f".chunk{i}").mkdir()
+        (tmp_path / f".chunk{i}" / f"part.a{'ab'[i - 1]}").write_bytes(b"\0" * (1 << 20))
+    (tmp_path / ".chunk2" / "names.txt").write_text("onnxruntime_gpu.whl\n")
+    plan = calls.plan("7", "abc123")
+    assert plan == [{"carry": [".chunk1"], "timeout_s": calls.COPY_TIMEOUT_S,
+                     "command": "mkdir -p /tmp/chunks && cp .chunk1/part.* /tmp/chunks/ && ls -l /tmp/chunks"},
+                    {"carry": [".chunk2", ".bench-data", ".whl"], "timeout_s": calls.RUN_TIMEOUT_S,
+                     "command": "PRIORCLIP_GIT_REVISION=abc123 bash benchmarks/gpu/q7-serve.sh"}]
+    (tmp_path / ".bench-data").mkdir()
+    serve = tmp_path / ".whl" / "serve"
+    serve.mkdir(parents=True)
+    for name in ("ftfy-6.3.1-py3-none-any.whl", "wcwidth-0.9.4-py3-none-any.whl"):
+        (tmp_path / ".whl" / name).write_bytes(b"w")
+    errors, _ = calls.check(plan)
+    assert len(errors) == 2 and "python-multipart==0.0.34" in errors[0] and "-d .whl/serve" in errors[0]
+    assert "gzip -9 -c /usr/bin/hey > .whl/serve/hey.gz" in errors[1]
+    for spec in calls.SERVE_WHEELS:
+        name, version = spec.split("==")
+        (serve / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"w")
+    (serve / "hey.gz").write_bytes(b"h")
+    errors, sizes = calls.check(plan)
+    assert errors == [] and sizes == [4.0, 4.0]
+    assert calls.check(calls.plan("3", "abc123"))[0] == []  # entry 3 carries .whl too, but needs no service
