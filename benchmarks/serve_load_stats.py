@@ -110,7 +110,7 @@ def metric_value(m: dict[MetricKey, float], name: str, **labels: str) -> float:
 
 def metrics_delta(before: dict[MetricKey, float], after: dict[MetricKey, float], kind: str) -> dict:
     """What one run did inside the service: the batches it formed (mean, histogram), each stage's mean time
-    (decode and queue wait per item, encode per batch), cache hits and misses, refusals by kind, the service's own
+    (decode, preprocess and queue wait per item, encode per batch), cache hits and misses, refusals by kind, the service's own
     request latency."""
     def d(name: str, **labels: str) -> float:
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
@@ -124,7 +124,7 @@ def metrics_delta(before: dict[MetricKey, float], after: dict[MetricKey, float],
             hist["+Inf" if math.isinf(le) else f"<={le:g}"] = int(round(c - below))
         below = c
     stages = {}
-    for stage in ("decode", "queue_wait", "encode"):
+    for stage in ("decode", "preprocess", "queue_wait", "encode"):
         n = d("priorclip_stage_seconds_count", stage=stage, kind=kind)
         stages[stage] = {"count": int(n), "mean_ms": 1e3 * d("priorclip_stage_seconds_sum", stage=stage, kind=kind) / n
                          if n else None}

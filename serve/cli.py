@@ -73,10 +73,10 @@ class ServerThread:
 @click.option("--engine", "engine_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A priorclip-export directory (ONNX, AOTInductor or TensorRT; its manifest says which).")
 @model_options
-@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="torch", show_default=True,
-              help="With --model/--checkpoint: the engine backend (as priorclip-bench measures them).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default="fp32",
-              show_default=True, help="With --model/--checkpoint: the backend's precision.")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None,
+              help="With --model/--checkpoint: the engine backend (as priorclip-bench measures them). [default: torch]")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "fp8"]), default=None,
+              help="With --model/--checkpoint: the backend's precision (an export carries its own). [default: fp32]")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--index", "index_path", type=click.Path(path_type=Path), default=None,
               help="A 'priorclip index' directory to search (made by the same weights).")
@@ -122,12 +122,15 @@ def main(engine_dir, model_name, checkpoint, gate, backend, precision, device, i
     if max_items > max_queue:
         raise PriorCLIPError(f"--max-items {max_items} is over --max-queue {max_queue}: such a request could never "
                              "be admitted")
+    if engine_dir is not None and (backend or precision):
+        raise PriorCLIPError(f"--{'backend' if backend else 'precision'} does not apply to --engine: an export runs "
+                             "on its own runtime at its own precision (re-export to change them)")
     mask_padding = bool(click.get_current_context().meta.get(MASK_PADDING_KEY))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dev = resolve_device(device)
     service = build_service(
         engine_dir=engine_dir, model_name=model_name, checkpoint=checkpoint, gate=gate, mask_padding=mask_padding,
-        backend=backend, precision=precision if engine_dir is None else "fp32", device=dev, index=index_path,
+        backend=backend or "torch", precision=precision or "fp32", device=dev, index=index_path,
         limits=Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels, max_items=max_items),
         batching=BatchingOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                  request_timeout_s=request_timeout, decode_workers=decode_workers,

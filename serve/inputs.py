@@ -11,7 +11,7 @@ Every refusal is a :class:`RequestError` with an HTTP status and a short ``kind`
   batch, an empty or over-long caption, a malformed body.
 
 Images are read exactly as ``priorclip embed`` and ``priorclip index build`` read files
-(:meth:`priorclip.transforms.EvalTransform.load`: first page of a multi-page TIFF, 16-bit and float tiles mapped to
+(:meth:`priorclip.transforms.EvalTransform.load`, in its two steps so that each is timed: first page of a multi-page TIFF, 16-bit and float tiles mapped to
 8 bit, palette / CMYK / RGBA / grey converted to RGB, thin images handled by the crop rule). Captions longer than the
 model's context are truncated by the model's own tokenizer, as the reference does (CLIP: 77 tokens; PIR: 30 words);
 only captions over ``max_text_chars`` characters are refused.
@@ -25,9 +25,10 @@ import re
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from priorclip.errors import DataError, ImageTooLarge, PriorCLIPError
-from priorclip.transforms import MAX_PIXELS_ENV
+from priorclip.transforms import MAX_PIXELS_ENV, open_image
 
 # Content types an image part may declare besides image/*: clients often send no type or the generic one.
 GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
@@ -107,16 +108,26 @@ def image_bytes(value: str, where: str) -> bytes:
     return decode_data_uri(value, where) if is_data_uri(value) else decode_base64(value, where)
 
 
-def load_pixels(transform, data: bytes, where: str, max_pixels: int) -> torch.Tensor:
-    """Decode and preprocess one image (the engine's eval transform); 413 over the pixel limit, 422 undecodable."""
+def decode_image(transform, data: bytes, where: str, max_pixels: int) -> Image.Image:
+    """Decode one image as the engine's eval transform reads it (``EvalTransform.load``'s first step: header pixel
+    limit, draft decoding at the transform's size, first page, 8 bit); 413 over the pixel limit, 422 undecodable."""
     if not data:
         raise bad_request(f"{where}: empty image", "bad_image")
     try:
-        return transform.load(data, max_pixels=max_pixels)
+        return open_image(data, draft_size=transform.image_size, max_pixels=max_pixels)
     except ImageTooLarge as e:
         raise too_large(f"{where}: {_strip_name(e)}") from None
     except DataError as e:
         raise bad_request(f"{where}: {_strip_name(e)}", "bad_image") from None
+
+
+def preprocess_image(transform, img: Image.Image, where: str) -> torch.Tensor:
+    """``EvalTransform.load``'s second step: the model's resize and normalisation; 422 for a mode PIL cannot convert
+    to RGB (e.g. a LAB TIFF)."""
+    try:
+        return transform(img)
+    except ValueError as e:
+        raise bad_request(f"{where}: cannot convert the image to RGB: {e}", "bad_image") from None
 
 
 def _strip_name(e: Exception) -> str:

@@ -26,7 +26,7 @@ from priorclip.provenance import check_identity
 
 from .batcher import Batcher
 from .cache import EmbeddingCache
-from .inputs import Limits, RequestError, check_captions, load_pixels
+from .inputs import Limits, RequestError, check_captions, decode_image, preprocess_image
 from .loading import LoadedEngine
 from .metrics import Metrics
 
@@ -171,14 +171,17 @@ class EmbeddingService:
 
     def _decode_image(self, data: bytes, where: str) -> torch.Tensor:
         t0 = time.perf_counter()
-        x = load_pixels(self.pre.transform, data, where, self.limits.max_pixels)
-        self.metrics.stage.labels("decode", "image").observe(time.perf_counter() - t0)
+        img = decode_image(self.pre.transform, data, where, self.limits.max_pixels)
+        t1 = time.perf_counter()
+        x = preprocess_image(self.pre.transform, img, where)
+        self.metrics.stage.labels("decode", "image").observe(t1 - t0)
+        self.metrics.stage.labels("preprocess", "image").observe(time.perf_counter() - t1)
         return x
 
     def _tokenize(self, text: str) -> torch.Tensor:
         t0 = time.perf_counter()
         ids = self.pre.tokenizer([text])
-        self.metrics.stage.labels("decode", "text").observe(time.perf_counter() - t0)
+        self.metrics.stage.labels("preprocess", "text").observe(time.perf_counter() - t0)
         return ids
 
     def _text_groups(self, ids: Sequence[torch.Tensor]) -> list | None:

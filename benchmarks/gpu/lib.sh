@@ -208,6 +208,29 @@ q_step() {
   return 0
 }
 
+# ONNX Runtime's CUDA provider links against cuBLAS/cuDNN/cuFFT/cuRAND 13: the GPU image has them as nvidia-* packages
+# (for torch); put their lib folders on LD_LIBRARY_PATH (after q_setup, which sets $PY).
+q_cuda_libs() {
+  local nv
+  nv=$("$PY" - <<'PY' 2>/dev/null
+import os
+try:
+    import nvidia
+except ImportError:
+    raise SystemExit
+dirs = set()
+for root in nvidia.__path__:
+    for d, sub, files in os.walk(root):
+        if d.count(os.sep) - root.count(os.sep) > 3:
+            sub[:] = []
+        elif os.path.basename(d) == "lib" and any(".so" in f for f in files):
+            dirs.add(d)
+print(":".join(sorted(dirs)))
+PY
+)
+  if [ -n "$nv" ]; then export LD_LIBRARY_PATH=$nv${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
+}
+
 q_finish() {
   "$PY" "$Q_ROOT/benchmarks/gpu/qstatus.py" finish --status "$Q_STATUS"
   q_bundle

@@ -41,24 +41,7 @@ else
   q_skip wheels "no .chunk*/names.txt carried: using the onnxruntime already installed (the preflight checks it)"
 fi
 q_setup
-# The CUDA provider links against cuBLAS/cuDNN/cuFFT/cuRAND 13: the image has them as nvidia-* packages (for torch)
-NV=$("$PY" - <<'PY' 2>/dev/null
-import os
-try:
-    import nvidia
-except ImportError:
-    raise SystemExit
-dirs = set()
-for root in nvidia.__path__:
-    for d, sub, files in os.walk(root):
-        if d.count(os.sep) - root.count(os.sep) > 3:
-            sub[:] = []
-        elif os.path.basename(d) == "lib" and any(".so" in f for f in files):
-            dirs.add(d)
-print(":".join(sorted(dirs)))
-PY
-)
-[ -n "$NV" ] && export LD_LIBRARY_PATH=$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+q_cuda_libs  # the CUDA provider's libraries (lib.sh)
 
 q_step preflight 90 "$PY" benchmarks/gpu/ort_preflight.py --device "$DEVICE" --out "$R/preflight"
 if ! grep -q '"ok": true' "$R/preflight/preflight.json" 2>/dev/null; then

@@ -65,24 +65,7 @@ q_setup
   q_finish
   q_die "the service's packages do not import: stage them in $SERVE_WHL (benchmarks/gpu/README.md)"
 }
-# The CUDA provider links against cuBLAS/cuDNN/cuFFT/cuRAND 13: the image has them as nvidia-* packages (as entry 3)
-NV=$("$PY" - <<'PY' 2>/dev/null
-import os
-try:
-    import nvidia
-except ImportError:
-    raise SystemExit
-dirs = set()
-for root in nvidia.__path__:
-    for d, sub, files in os.walk(root):
-        if d.count(os.sep) - root.count(os.sep) > 3:
-            sub[:] = []
-        elif os.path.basename(d) == "lib" and any(".so" in f for f in files):
-            dirs.add(d)
-print(":".join(sorted(dirs)))
-PY
-)
-[ -n "$NV" ] && export LD_LIBRARY_PATH=$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+q_cuda_libs  # the CUDA provider's libraries (lib.sh)
 
 IFS=, read -r -a ENGINES <<<"${Q7_ENGINES:-fused:fp16,onnxruntime:fp16}"
 ORT_OK=

@@ -112,6 +112,7 @@ def test_metrics_delta_against_what_was_observed():
     assert d["batch_histogram"] == {"<=1": 1, "<=4": 2}
     assert d["stages"]["encode"] == {"count": 2, "mean_ms": pytest.approx(150.0)}
     assert d["stages"]["decode"]["mean_ms"] == pytest.approx(2.0)
+    assert d["stages"]["preprocess"] == {"count": 0, "mean_ms": None}
     assert d["stages"]["queue_wait"] == {"count": 0, "mean_ms": None}
     assert (d["cache_hits"], d["cache_misses"]) == (0, 9)
     assert d["errors"] == {"queue_full": 2} and d["server_mean_ms"] == pytest.approx(1000.0)

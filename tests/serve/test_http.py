@@ -269,8 +269,9 @@ def test_metrics_count_routes_errors_stages_and_cache(served):
     assert value("priorclip_requests_total", route="/embed/images", status="200") >= 2
     assert value("priorclip_errors_total", route="/embed/texts", kind="bad_text") >= 1
     assert value("priorclip_cache_total", kind="image", result="hit") >= 1
-    for stage in ("decode", "queue_wait", "encode"):
+    for stage in ("decode", "preprocess", "queue_wait", "encode"):
         assert value("priorclip_stage_seconds_count", kind="image", stage=stage) >= 1
+    assert value("priorclip_stage_seconds_count", kind="text", stage="preprocess") >= 1  # tokenising
     assert value("priorclip_batch_size_count", kind="image") >= 1
     assert value("priorclip_request_seconds_count", route="/embed/images") >= 2
     assert value("priorclip_ready") == 1

@@ -62,6 +62,7 @@ def test_serve_process_starts_answers_and_stops():
     (["--engine", "/nonexistent/export", "--model", "priorclip-tiny"], "not both"),
     (["--model", "priorclip-tiny", "--mask-padding"], "--mask-padding does not apply"),
     (["--model", "pir-tiny", "--gate", "2belief"], "--gate does not apply"),
+    (["--engine", "/some/export", "--precision", "fp16"], "--precision does not apply to --engine"),
 ])
 def test_bad_options_are_one_line(args, says):
     r = CliRunner().invoke(main, args)
