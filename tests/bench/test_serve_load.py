@@ -203,7 +203,10 @@ def test_quick_run_end_to_end(quick):
             assert svc["cache_hits"] == run["ok"] and svc["items"] == 0 and svc["mean_batch"] is None
         else:  # cache off: the engine embedded exactly one item per request of the timed run, none of another run
             assert svc["items"] == run["ok"] and svc["cache_hits"] == 0 and svc["mean_batch"] >= 1
-            assert svc["stages"]["encode"]["count"] == svc["batches"] and svc["stages"]["decode"]["count"] == run["ok"]
+            assert svc["stages"]["encode"]["count"] == svc["batches"]
+            # per item: an image is decoded then preprocessed; a caption is only tokenised (its preprocess stage)
+            assert svc["stages"]["preprocess"]["count"] == run["ok"]
+            assert svc["stages"]["decode"]["count"] == (run["ok"] if run["kind"] == "image" else 0)
         assert run["cpu"]["hey_cores"] >= 0 and run["cpu"]["server_cores"] > 0
     off = doc["offline"]
     assert off["engine"] == "torch/fp32" and {t["batch"] for t in off["timings"]} == {1, 4}  # --max-batch of --quick
