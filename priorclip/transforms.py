@@ -338,13 +338,22 @@ class EvalTransform:
         """Read an image file (path or bytes) and preprocess it: the way every eval-time caller reads images.
 
         Decodes through :func:`open_image` with ``draft_size=image_size`` (a large JPEG decodes at reduced scale);
-        anything unreadable raises :class:`DataError` naming the file.
+        anything unreadable raises :class:`DataError` naming the file. The two steps are :meth:`open` and
+        :meth:`pixels` (the service times them apart).
         """
-        img = open_image(source, draft_size=self.image_size, max_pixels=max_pixels)
+        return self.pixels(self.open(source, max_pixels=max_pixels), _source_name(source))
+
+    def open(self, source: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
+        """Decode an image as :meth:`load` does (:func:`open_image` at this transform's draft size)."""
+        return open_image(source, draft_size=self.image_size, max_pixels=max_pixels)
+
+    def pixels(self, img: Image.Image, name: str = "<bytes>") -> torch.Tensor:
+        """The decoded image to normalised pixels; a mode PIL cannot convert to RGB (e.g. a LAB TIFF) is a
+        :class:`DataError` naming ``name``."""
         try:
             return self(img)
-        except ValueError as e:  # a mode PIL cannot convert to RGB (e.g. a LAB TIFF)
-            raise DataError(f"cannot convert image {_source_name(source)} to RGB: {e}") from None
+        except ValueError as e:
+            raise DataError(f"cannot convert image {name} to RGB: {e}") from None
 
     def __repr__(self) -> str:
         how = "bicubic squash to a square" if self.resize == RESIZE_SQUASH else "bicubic shortest-side resize, centre crop"

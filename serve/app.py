@@ -35,7 +35,13 @@ from .service import EmbeddingService
 
 ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/embed/images", "/embed/texts", "/search", "/items",
           "/items/image", "/v1/embeddings", "/v1/models", "/docs", "/openapi.json")
-TIMEOUT_HEADER = "x-request-timeout"  # seconds; the request's own deadline, at most the service's
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def route_label(path: str) -> str:
+    """The metrics' route label: a known route, else "other" (unknown paths must not grow the label set)."""
+    return path if path in ROUTES else "other"
+  # seconds; the request's own deadline, at most the service's
 
 
 # ------------------------------------------------------------------------------------------------------ schemas
@@ -192,8 +198,7 @@ class LimitsAndMetrics:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        route = path if path in ROUTES else "other"
+        route = route_label(scope["path"])
         limit = self.service.limits.max_body_bytes
         status = {"code": 500, "started": False}
         t0 = time.perf_counter()
@@ -245,24 +250,23 @@ def create_app(service: EmbeddingService) -> FastAPI:
                               '{"error": {"message", "type", "code"}}.')
     app.state.service = service
     app.add_middleware(LimitsAndMetrics, service=service)
-    route_of = {r: r for r in ROUTES}
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, e: RequestError):
-        service.metrics.errors.labels(route_of.get(request.url.path, "other"), e.kind).inc()
+        service.metrics.errors.labels(route_label(request.url.path), e.kind).inc()
         return error_response(e.status, e.kind, str(e), e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):  # unknown routes, wrong methods
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http")
-        service.metrics.errors.labels(route_of.get(request.url.path, "other"), kind).inc()
+        service.metrics.errors.labels(route_label(request.url.path), kind).inc()
         return error_response(e.status_code, kind, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(p) for p in err["loc"]) or "request"
-        service.metrics.errors.labels(route_of.get(request.url.path, "other"), "bad_request").inc()
+        service.metrics.errors.labels(route_label(request.url.path), "bad_request").inc()
         return error_response(422, "bad_request", f"{where}: {err['msg']}")
 
     # ------------------------------------------------------------------------------------------- operations
@@ -283,14 +287,14 @@ def create_app(service: EmbeddingService) -> FastAPI:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # -------------------------------------------------------------------------------------------- native
-    json_body = {"requestBody": {"content": {"application/json": {"schema": ImagesRequest.model_json_schema()},
+    images_body = {"requestBody": {"content": {"application/json": {"schema": ImagesRequest.model_json_schema()},
                                              "multipart/form-data": {"schema": {
                                                  "type": "object", "properties": {"images": {
                                                      "type": "array", "items": {"type": "string",
                                                                                 "format": "binary"}}}}}},
                                  "required": True}}
 
-    @app.post("/embed/images", response_model=NativeEmbeddings, tags=["embeddings"], openapi_extra=json_body)
+    @app.post("/embed/images", response_model=NativeEmbeddings, tags=["embeddings"], openapi_extra=images_body)
     async def embed_images(request: Request):
         """Embed images: multipart files (any field name; image/* or octet-stream parts) or JSON base64."""
         encoding = request.query_params.get("encoding_format", "float")

@@ -20,16 +20,28 @@ from priorclip.cliutils import MASK_PADDING_KEY, model_options, resolve_device, 
 from priorclip.errors import PriorCLIPError
 
 from .inputs import Limits
-from .service import BatchingOptions, EmbeddingService
+
+SERVE_PACKAGES = ("fastapi", "uvicorn", "multipart", "prometheus_client")  # import names of the serve extra
+
+
+def require_serve_dependencies() -> None:
+    """One line naming what to install when the service's packages are missing (they are an optional extra)."""
+    import importlib.util
+
+    missing = [m for m in SERVE_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PriorCLIPError(f"priorclip-serve needs {', '.join(missing)}: pip install 'priorclip[serve]'")
 
 BACKEND_NAMES = ("torch", "torch-compile", "onnxruntime", "aoti", "tensorrt", "fused")  # serve.engines.BACKENDS
 
 
 def build_service(*, engine_dir=None, model_name=None, checkpoint=None, gate=None, mask_padding=False,
                   backend="torch", precision="fp32", device="cpu", index=None, limits: Limits = Limits(),
-                  batching: BatchingOptions = BatchingOptions(), selftest: bool = True) -> EmbeddingService:
-    """The service of the CLI's options (not started): engine, optional index (identity checked), limits."""
+                  batching=None, selftest: bool = True):
+    """The :class:`~priorclip.serve.service.EmbeddingService` of the CLI's options (not started): engine, optional
+    index (identity checked), limits; ``batching``: :class:`~priorclip.serve.service.BatchingOptions`."""
     from .loading import load_engine
+    from .service import BatchingOptions, EmbeddingService
 
     loaded = load_engine(engine_dir=engine_dir, model_name=model_name, checkpoint=checkpoint, gate=gate,
                          mask_padding=mask_padding, backend=backend, precision=precision, device=device)
@@ -38,7 +50,8 @@ def build_service(*, engine_dir=None, model_name=None, checkpoint=None, gate=Non
         from .index import VectorIndex
 
         vindex = VectorIndex.open(index)
-    return EmbeddingService(loaded, index=vindex, limits=limits, batching=batching, selftest=selftest)
+    return EmbeddingService(loaded, index=vindex, limits=limits, batching=batching or BatchingOptions(),
+                            selftest=selftest)
 
 
 class ServerThread:
@@ -115,7 +128,10 @@ def main(engine_dir, model_name, checkpoint, gate, backend, precision, device, i
     embeddings of the export's self-test probes within its precision's tolerance; if it does not, it stays
     not-ready and logs one line with the cosine.
     """
+    require_serve_dependencies()
     import uvicorn
+
+    from .service import BatchingOptions
 
     if engine_dir is None and not (model_name or checkpoint):
         raise PriorCLIPError("give an engine: --engine EXPORT_DIR, or --model NAME and/or --checkpoint FILE")

@@ -1,4 +1,4 @@
-"""Embedding engines: one interface over every backend, used by ``priorclip-bench`` and (later) ``priorclip-serve``.
+"""Embedding engines: one interface over every backend, used by ``priorclip-bench`` and ``priorclip-serve``.
 
 An :class:`Engine` is a :class:`priorclip.encoder.Encoder` (``encode_images`` / ``encode_texts`` returning
 L2-normalised float32 embeddings ``[B, E]``) plus ``name``, ``backend``, ``precision``, ``device`` and

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from priorclip.errors import DataError, ImageTooLarge, PriorCLIPError
-from priorclip.transforms import MAX_PIXELS_ENV, open_image
+from priorclip.transforms import MAX_PIXELS_ENV
 
 # Content types an image part may declare besides image/*: clients often send no type or the generic one.
 GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
@@ -109,12 +109,12 @@ def image_bytes(value: str, where: str) -> bytes:
 
 
 def decode_image(transform, data: bytes, where: str, max_pixels: int) -> Image.Image:
-    """Decode one image as the engine's eval transform reads it (``EvalTransform.load``'s first step: header pixel
-    limit, draft decoding at the transform's size, first page, 8 bit); 413 over the pixel limit, 422 undecodable."""
+    """:meth:`EvalTransform.open <priorclip.transforms.EvalTransform.open>` (header pixel limit, draft decoding,
+    first page, 8 bit); 413 over the pixel limit, 422 undecodable."""
     if not data:
         raise bad_request(f"{where}: empty image", "bad_image")
     try:
-        return open_image(data, draft_size=transform.image_size, max_pixels=max_pixels)
+        return transform.open(data, max_pixels=max_pixels)
     except ImageTooLarge as e:
         raise too_large(f"{where}: {_strip_name(e)}") from None
     except DataError as e:
@@ -122,12 +122,12 @@ def decode_image(transform, data: bytes, where: str, max_pixels: int) -> Image.I
 
 
 def preprocess_image(transform, img: Image.Image, where: str) -> torch.Tensor:
-    """``EvalTransform.load``'s second step: the model's resize and normalisation; 422 for a mode PIL cannot convert
-    to RGB (e.g. a LAB TIFF)."""
+    """:meth:`EvalTransform.pixels <priorclip.transforms.EvalTransform.pixels>`: the model's resize and
+    normalisation; 422 for a mode PIL cannot convert to RGB."""
     try:
-        return transform(img)
-    except ValueError as e:
-        raise bad_request(f"{where}: cannot convert the image to RGB: {e}", "bad_image") from None
+        return transform.pixels(img)
+    except DataError as e:
+        raise bad_request(f"{where}: {_strip_name(e)}", "bad_image") from None
 
 
 def _strip_name(e: Exception) -> str:

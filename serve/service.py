@@ -32,8 +32,6 @@ from .metrics import Metrics
 
 log = logging.getLogger("priorclip.serve")
 
-STATES = ("loading", "warming", "self-test", "ready", "failed")
-
 
 @dataclass(frozen=True)
 class BatchingOptions:
@@ -103,11 +101,6 @@ class EmbeddingService:
         self._starter.start()
         if block:
             self._starter.join()
-
-    def wait_started(self, timeout: float | None = None) -> bool:
-        if self._starter is not None:
-            self._starter.join(timeout)
-        return self.state in ("ready", "failed")
 
     def stop(self) -> None:
         self.batcher.stop()
@@ -207,7 +200,7 @@ class EmbeddingService:
             raise RequestError(413, "too_large", f"{len(images)} images in one request, over the limit of "
                                f"{self.limits.max_items}")
         deadline = self._deadline(timeout)
-        keys = [self.cache.key("image", data) for _, data in images]
+        keys = self._keys("image", (data for _, data in images))
         rows, _, todo = self._cached("image", keys)
         if todo:
             loop = asyncio.get_running_loop()
@@ -223,7 +216,7 @@ class EmbeddingService:
         self._check_ready()
         texts = check_captions(list(texts), self.limits, where)
         deadline = self._deadline(timeout)
-        keys = [self.cache.key("text", t.encode("utf-8")) for t in texts]
+        keys = self._keys("text", (t.encode("utf-8") for t in texts))
         rows, tokens, todo = self._cached("text", keys)
         if todo:
             loop = asyncio.get_running_loop()
@@ -244,19 +237,24 @@ class EmbeddingService:
         except DataError as e:  # PIR's cleaning leaves nothing of the caption
             raise RequestError(422, "bad_text", f"{where}: {e}") from None
 
-    def _cached(self, kind: str, keys: list[bytes]) -> tuple[list, list[int], list[int]]:
+    def _keys(self, kind: str, payloads) -> list[bytes | None]:
+        """Cache keys; with the cache off no input is hashed (a SHA-256 of every image would be wasted work)."""
+        return [self.cache.key(kind, p) if self.cache.capacity else None for p in payloads]
+
+    def _cached(self, kind: str, keys: list[bytes | None]) -> tuple[list, list[int], list[int]]:
         """(rows, token counts, indices to compute) from the cache."""
-        hits = [self.cache.get(k) for k in keys]
+        hits = [None if k is None else self.cache.get(k) for k in keys]
         todo = [i for i, h in enumerate(hits) if h is None]
         self.metrics.cache.labels(kind, "hit").inc(len(hits) - len(todo))
         self.metrics.cache.labels(kind, "miss").inc(len(todo))
         return [None if h is None else h[0] for h in hits], [0 if h is None else h[1] for h in hits], todo
 
-    def _fill(self, rows: list, todo: list[int], keys: list[bytes], out: np.ndarray,
+    def _fill(self, rows: list, todo: list[int], keys: list[bytes | None], out: np.ndarray,
               tokens: list[int] | None = None) -> None:
         for j, (i, row) in enumerate(zip(todo, out)):
             rows[i] = row
-            self.cache.put(keys[i], row, tokens[j] if tokens else 0)
+            if keys[i] is not None:
+                self.cache.put(keys[i], row, tokens[j] if tokens else 0)
 
     # Synchronous twins for the self-test thread: the same decode, batcher and engine, no cache (it tests the engine).
     def embed_images_sync(self, images: Sequence[bytes]) -> np.ndarray:

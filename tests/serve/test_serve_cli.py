@@ -75,3 +75,13 @@ def test_bad_options_are_one_line(args, says):
 def test_help_names_the_routes():
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0 and "/v1/embeddings" in r.output and "--max-batch" in r.output
+
+
+def test_missing_service_packages_are_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    r = CliRunner().invoke(main, ["--model", "priorclip-tiny"])
+    assert r.exit_code != 0 and r.output.strip() == \
+        "Error: priorclip-serve needs fastapi: pip install 'priorclip[serve]'", r.output
