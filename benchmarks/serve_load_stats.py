@@ -110,8 +110,8 @@ def metric_value(m: dict[MetricKey, float], name: str, **labels: str) -> float:
 
 def metrics_delta(before: dict[MetricKey, float], after: dict[MetricKey, float], kind: str) -> dict:
     """What one run did inside the service: the batches it formed (mean, histogram), each stage's mean time
-    (decode, preprocess and queue wait per item, encode per batch), cache hits and misses, refusals by kind, the service's own
-    request latency."""
+    (decode, preprocess and queue wait per item, encode per batch), cache hits and misses, refusals by kind, the
+    service's own request latency."""
     def d(name: str, **labels: str) -> float:
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 

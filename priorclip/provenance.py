@@ -57,7 +57,8 @@ def engine_identity(cfg, checkpoint_sha: str) -> dict:
 
 
 def check_identity(have: dict, want: dict, what: str) -> None:
-    """Raise one :class:`~priorclip.errors.PriorCLIPError` line naming the first field in which two identities differ."""
+    """Raise a one-line :class:`~priorclip.errors.PriorCLIPError` naming the first field where two identities
+    differ."""
     from priorclip.errors import PriorCLIPError
 
     for key in IDENTITY_KEYS:

@@ -3,8 +3,8 @@
 A retrieval service sees the same queries and tiles again and again (a popular caption, a tile re-submitted by a
 pipeline): a hit skips decoding, preprocessing and the engine. The key is a SHA-256 of the engine's name and
 identity, the input's kind and its bytes (the UTF-8 caption, the image file as sent), so two engines or an image and
-a caption never share an entry. Each entry is a row and the tokens its caption used (0 for images), so a cached caption costs no tokenising either.
-Thread-safe: decode workers and the event loop use it at once.
+a caption never share an entry. Each entry is a row and the tokens its caption used (0 for images), so a cached
+caption costs no tokenising either. Thread-safe: decode workers and the event loop use it at once.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ Every refusal is a :class:`RequestError` with an HTTP status and a short ``kind`
   batch, an empty or over-long caption, a malformed body.
 
 Images are read exactly as ``priorclip embed`` and ``priorclip index build`` read files
-(:meth:`priorclip.transforms.EvalTransform.load`, in its two steps so that each is timed: first page of a multi-page TIFF, 16-bit and float tiles mapped to
-8 bit, palette / CMYK / RGBA / grey converted to RGB, thin images handled by the crop rule). Captions longer than the
+(:meth:`priorclip.transforms.EvalTransform.load`, in its two steps so that each is timed: first page of a multi-page
+TIFF, 16-bit and float tiles mapped to 8 bit, palette / CMYK / RGBA / grey converted to RGB, thin images handled by
+the crop rule). Captions longer than the
 model's context are truncated by the model's own tokenizer, as the reference does (CLIP: 77 tokens; PIR: 30 words);
 only captions over ``max_text_chars`` characters are refused.
 """

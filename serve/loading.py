@@ -36,7 +36,8 @@ def load_engine(*, engine_dir: str | Path | None = None, model_name: str | None 
                 backend: str = "torch", precision: str = "fp32", device: str = "cpu", **options: Any) -> LoadedEngine:
     """The engine of an export directory (``engine_dir``; ONNX Runtime, AOTInductor or TensorRT as its manifest says)
     or of a model built from ``model_name`` / ``checkpoint`` (random weights, seed 0, without a checkpoint) on
-    ``backend`` at ``precision`` (``gate`` / ``mask_padding``: config overrides, as the CLIs' options). ``options`` go to the backend (:func:`~priorclip.serve.engines.create_engine`).
+    ``backend`` at ``precision`` (``gate`` / ``mask_padding``: config overrides, as the CLIs' options). ``options``
+    go to the backend (:func:`~priorclip.serve.engines.create_engine`).
 
     Raises :class:`PriorCLIPError` in one line for a bad directory, an unknown model or backend, or a precision the
     backend does not run there.
