@@ -33,6 +33,18 @@ from .inputs import RequestError
 log = logging.getLogger("priorclip.serve")
 
 
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How the service queues, batches and caches (priorclip-serve's defaults; needs none of the service packages)."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 1024
+    request_timeout_s: float = 30.0
+    decode_workers: int = 4
+    cache_size: int = 4096
+
+
 class _Request:
     """The rows of one submitted request; only the worker thread fills them."""
 

@@ -19,7 +19,11 @@ import click
 from priorclip.cliutils import MASK_PADDING_KEY, model_options, resolve_device, user_errors
 from priorclip.errors import PriorCLIPError
 
+from .batcher import BatchingOptions
 from .inputs import Limits
+
+DEFAULT_LIMITS = Limits()
+DEFAULT_BATCHING = BatchingOptions()
 
 SERVE_PACKAGES = ("fastapi", "uvicorn", "multipart", "prometheus_client")  # import names of the serve extra
 
@@ -39,9 +43,9 @@ def build_service(*, engine_dir=None, model_name=None, checkpoint=None, gate=Non
                   backend="torch", precision="fp32", device="cpu", index=None, limits: Limits = Limits(),
                   batching=None, selftest: bool = True):
     """The :class:`~priorclip.serve.service.EmbeddingService` of the CLI's options (not started): engine, optional
-    index (identity checked), limits; ``batching``: :class:`~priorclip.serve.service.BatchingOptions`."""
+    index (identity checked), limits; ``batching``: :class:`~priorclip.serve.batcher.BatchingOptions`."""
     from .loading import load_engine
-    from .service import BatchingOptions, EmbeddingService
+    from .service import EmbeddingService
 
     loaded = load_engine(engine_dir=engine_dir, model_name=model_name, checkpoint=checkpoint, gate=gate,
                          mask_padding=mask_padding, backend=backend, precision=precision, device=device)
@@ -95,24 +99,27 @@ class ServerThread:
               help="A 'priorclip index' directory to search (made by the same weights).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-batch", default=DEFAULT_BATCHING.max_batch, show_default=True, type=click.IntRange(min=1),
               help="Most items per engine call (dynamic batching across requests).")
-@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--max-wait-ms", default=DEFAULT_BATCHING.max_wait_ms, show_default=True, type=click.FloatRange(min=0),
               help="How long the oldest queued item waits for others before its batch runs.")
-@click.option("--max-queue", default=1024, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-queue", default=DEFAULT_BATCHING.max_queue, show_default=True, type=click.IntRange(min=1),
               help="Most items waiting; a request beyond it gets 429 with Retry-After.")
-@click.option("--request-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--request-timeout", default=DEFAULT_BATCHING.request_timeout_s, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds a request may wait in all (504 past it); a client's X-Request-Timeout may shorten it.")
-@click.option("--decode-workers", default=4, show_default=True, type=click.IntRange(min=1),
+@click.option("--decode-workers", default=DEFAULT_BATCHING.decode_workers, show_default=True, type=click.IntRange(min=1),
               help="Threads decoding and preprocessing images off the event loop.")
-@click.option("--cache-size", default=4096, show_default=True, type=click.IntRange(min=0),
+@click.option("--cache-size", default=DEFAULT_BATCHING.cache_size, show_default=True, type=click.IntRange(min=0),
               help="Embeddings kept in the LRU cache (keyed by engine and input bytes); 0: off.")
-@click.option("--max-body-mb", default=32.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-body-mb", default=DEFAULT_LIMITS.max_body_bytes / (1 << 20), show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest request body (413 beyond).")
-@click.option("--max-pixels", default=100_000_000, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-pixels", default=DEFAULT_LIMITS.max_pixels, show_default=True, type=click.IntRange(min=1),
               help="Largest image, in pixels declared by its header (413 beyond, before decoding).")
-@click.option("--max-items", default=256, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-items", default=DEFAULT_LIMITS.max_items, show_default=True, type=click.IntRange(min=1),
               help="Most images or captions per request.")
+@click.option("--max-text-chars", default=DEFAULT_LIMITS.max_text_chars, show_default=True,
+              type=click.IntRange(min=1),
+              help="Longest caption in characters (422 beyond); within it the model's tokenizer truncates.")
 @click.option("--no-selftest", is_flag=True,
               help="Skip the start-up self-test against the export's fp32 reference embeddings (not advised).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
@@ -120,7 +127,7 @@ class ServerThread:
 @user_errors
 def main(engine_dir, model_name, checkpoint, gate, backend, precision, device, index_path, host, port, max_batch,
          max_wait_ms, max_queue, request_timeout, decode_workers, cache_size, max_body_mb, max_pixels, max_items,
-         no_selftest, log_level) -> None:
+         max_text_chars, no_selftest, log_level) -> None:
     """Serve embeddings and search over HTTP: native routes, OpenAI-compatible /v1/embeddings, /healthz, /readyz,
     /metrics and a search page at /. OpenAPI docs at /docs.
 
@@ -130,8 +137,6 @@ def main(engine_dir, model_name, checkpoint, gate, backend, precision, device, i
     """
     require_serve_dependencies()
     import uvicorn
-
-    from .service import BatchingOptions
 
     if engine_dir is None and not (model_name or checkpoint):
         raise PriorCLIPError("give an engine: --engine EXPORT_DIR, or --model NAME and/or --checkpoint FILE")
@@ -147,7 +152,8 @@ def main(engine_dir, model_name, checkpoint, gate, backend, precision, device, i
     service = build_service(
         engine_dir=engine_dir, model_name=model_name, checkpoint=checkpoint, gate=gate, mask_padding=mask_padding,
         backend=backend or "torch", precision=precision or "fp32", device=dev, index=index_path,
-        limits=Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels, max_items=max_items),
+        limits=Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels, max_items=max_items,
+                      max_text_chars=max_text_chars),
         batching=BatchingOptions(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                  request_timeout_s=request_timeout, decode_workers=decode_workers,
                                  cache_size=cache_size),

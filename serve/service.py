@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,23 +23,13 @@ from priorclip.config import FAMILY_PIR
 from priorclip.preprocess import preprocess_for
 from priorclip.provenance import check_identity
 
-from .batcher import Batcher
+from .batcher import Batcher, BatchingOptions
 from .cache import EmbeddingCache
 from .inputs import Limits, RequestError, check_captions, decode_image, preprocess_image
 from .loading import LoadedEngine
 from .metrics import Metrics
 
 log = logging.getLogger("priorclip.serve")
-
-
-@dataclass(frozen=True)
-class BatchingOptions:
-    max_batch: int = 32
-    max_wait_ms: float = 5.0
-    max_queue: int = 1024
-    request_timeout_s: float = 30.0
-    decode_workers: int = 4
-    cache_size: int = 4096
 
 
 def count_tokens(ids: torch.Tensor) -> int:

@@ -26,7 +26,7 @@ def test_serve_process_starts_answers_and_stops():
     exe = shutil.which("priorclip-serve") or pytest.skip("priorclip-serve is not installed (pip install -e .)")
     port = free_port()
     proc = subprocess.Popen([exe, "--model", "priorclip-tiny", "--device", "cpu", "--port", str(port),
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--log-level", "warning", "--max-text-chars", "40"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
@@ -44,6 +44,9 @@ def test_serve_process_starts_answers_and_stops():
         assert ready.json()["selftest"]["passed"] is True
         r = httpx.post(f"{url}/v1/embeddings", json={"input": "a runway"}, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == ready.json()["embed_dim"]
+        long = httpx.post(f"{url}/v1/embeddings", json={"input": "a runway beside a long row of parked planes"},
+                          timeout=30)  # 43 characters: over this process's --max-text-chars
+        assert long.status_code == 422 and "over the limit of 40" in long.json()["error"]["message"], long.text
         assert "text/html" in httpx.get(url, timeout=10).headers["content-type"]
     finally:
         proc.send_signal(signal.SIGINT)
